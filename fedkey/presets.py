@@ -1,0 +1,27 @@
+"""Named presets: overrides applied over the defaults, under any TOML file and flags."""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict[str, dict]] = {
+    # about 10 minutes of compute on 2 cores, so the README's first command ends within 15
+    "quick": {
+        "central": {"max_tokens": 1_200_000},
+        "eval": {"max_positions": 20_000, "ksr_messages": 300},
+    },
+    # the README's figures: more tokens, the whole test split
+    "full": {
+        "central": {"max_tokens": 6_000_000},
+        "eval": {"max_positions": 0, "ksr_messages": 1000},
+    },
+}
+
+
+def preset_overrides(name: str | None, section: str) -> dict:
+    """The preset's values for one config section ({} for no preset)."""
+    from fedkey.errors import FedkeyError
+
+    if not name:
+        return {}
+    if name not in PRESETS:
+        raise FedkeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[name].get(section, {}))
