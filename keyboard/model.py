@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -10,6 +11,9 @@ from torch import nn
 from fedkey.config import ModelConfig
 
 State = tuple[torch.Tensor, torch.Tensor]
+
+# PyTorch warns on every call that oneDNN lacks projected LSTMs; its own kernel is used, which is fine
+warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
 
 class KeyboardLM(nn.Module):

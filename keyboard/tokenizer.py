@@ -84,5 +84,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, seed: int = 0)
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise FedkeyError(f"tokenizer training failed ({e}); the public users' text is too small for vocab_size={vocab_size}") from None
+        raise FedkeyError(f"tokenizer training failed with vocab_size={vocab_size}: {str(e).splitlines()[0][-160:]}; "
+                          "use vocab_size >= 300 (byte fallback takes 256 pieces) and enough public users' text") from None
     return Tokenizer(buf.getvalue())

@@ -83,7 +83,7 @@ def train_central(
             tokens += n
             run_tokens += n
             batch_idx = i + 1
-            lv = float(loss)
+            lv = loss.item()
             loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
             now = time.perf_counter()
             elapsed = now - start

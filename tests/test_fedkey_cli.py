@@ -1,0 +1,91 @@
+"""Configs (defaults < preset < TOML < flags), --help of every subcommand, one-line errors, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedkey import config as C
+from fedkey.cli import build_parser, main
+from fedkey.errors import FedkeyError
+from keyboard.batches import frame
+from keyboard.model import KeyboardLM
+from keyboard.train import train_central
+
+
+def test_config_precedence(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[central]\nlr = 0.5\nbatch_size = 16\n")
+    args = build_parser().parse_args(["train-central", "--preset", "quick", "--config", str(toml), "--batch-size", "8"])
+    cfg = C.from_args(C.CentralConfig, args)
+    assert cfg.max_tokens == 1_200_000  # from the preset
+    assert cfg.lr == 0.5  # TOML beats default
+    assert cfg.batch_size == 8  # flag beats TOML
+    C.save(tmp_path / "saved.toml", cfg)
+    assert C.build(C.CentralConfig, tmp_path / "saved.toml") == cfg  # saved configs reload as they were
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[central]\nlrr = 1\n")
+    with pytest.raises(FedkeyError, match="unknown field 'lrr'"):
+        C.build(C.CentralConfig, bad)
+    bad.write_text("[central]\nlr = 'fast'\n")
+    with pytest.raises(FedkeyError, match="expected float"):
+        C.build(C.CentralConfig, bad)
+    bad.write_text("[central\n")
+    with pytest.raises(FedkeyError, match="not valid TOML"):
+        C.build(C.CentralConfig, bad)
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"prepare", "train-central", "evaluate", "bench", "run"} <= set(sub.choices)
+    for name in sub.choices:
+        out = subprocess.run([sys.executable, "-m", "fedkey.cli", name, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage" in out.stdout.lower(), name
+
+
+def test_cli_error_is_one_line_not_a_traceback(tmp_path, capsys):
+    code = main(["evaluate", "--run-dir", str(tmp_path / "nothing"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "fedkey prepare" in err
+
+
+def test_resume_continues_to_the_same_parameters(tiny_tok, tmp_path):
+    seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch(["how are you doing today", "i like the color blue"] * 40)]
+    cfg = C.CentralConfig(lr=1e-2, batch_size=8, max_tokens=3000, seed=3)
+
+    def fresh() -> KeyboardLM:
+        torch.manual_seed(0)
+        return KeyboardLM(tiny_tok.vocab_size, C.ModelConfig(embed_dim=8, hidden=16))
+
+    straight = fresh()
+    train_central(straight, seqs, cfg, tmp_path / "a")
+    # interrupted half way (a smaller budget), then resumed with the full budget
+    first = fresh()
+    half = C.CentralConfig(**{**C.to_dict(cfg), "max_tokens": 1500})
+    train_central(first, seqs, half, tmp_path / "b")
+    st = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
+    st["config"] = C.to_dict(cfg)  # the interrupted run had the full config
+    torch.save(st, tmp_path / "b" / "train_state.pt")
+    resumed = fresh()
+    train_central(resumed, seqs, cfg, tmp_path / "b", resume=True)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_prepare_cli_on_bad_input_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"user": "a", "text": "hi"}\n{not json\n')
+    code = main(["prepare", "--run-dir", str(tmp_path / "run"), "--corpus", str(bad), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.jsonl" in err and "2" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "data").exists()
+    json.dumps(err)
