@@ -77,11 +77,14 @@ def word_keystrokes(word: str, first_hit: int | None, space_follows: bool) -> tu
 
 
 def mean_over(tallies: dict[str, UserTally]) -> dict:
-    """Mean of per-user metrics, skipping users where a metric was not measured."""
+    """Mean of per-user metrics (geometric for perplexity), skipping users where a metric was not measured."""
     per = [t.metrics() for t in tallies.values()]
     out = {}
     for key in ("top1", "top3", "perplexity", "ksr", "regional_acc"):
         vals = [m[key] for m in per if m[key] is not None]
-        out[key] = sum(vals) / len(vals) if vals else None
+        if key == "perplexity":  # a geometric mean: one user with two words must not dominate
+            out[key] = math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+        else:
+            out[key] = sum(vals) / len(vals) if vals else None
     out["n_words"] = sum(m["n_words"] for m in per)
     return out

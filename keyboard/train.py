@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,13 @@ def train_central(
                                 "batch_idx": batch_idx, "tokens": tokens, "elapsed": elapsed,
                                 "loss_ema": loss_ema, "config": to_dict(cfg)})
 
+    def lr_at(tokens: int) -> float:
+        # short linear warm-up, then cosine decay to 10% over the token budget: a decayed rate
+        # is worth a large share of a short run's final loss
+        frac = min(1.0, tokens / max(1, cfg.max_tokens))
+        warm = min(1.0, tokens / max(1, cfg.warmup_tokens)) if cfg.warmup_tokens else 1.0
+        return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
     model.train()
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     start, last_ckpt = time.perf_counter() - elapsed, time.perf_counter()
@@ -75,6 +83,8 @@ def train_central(
         for i, (x, y) in enumerate(iterate_epoch(seqs, cfg.batch_size, cfg.seed, epoch)):
             if i < batch_idx:
                 continue
+            for group in opt.param_groups:
+                group["lr"] = lr_at(tokens)
             loss, n = lm_loss(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
