@@ -39,6 +39,7 @@ class PieceTable:
         wordish = np.array([_wordish(s) for s in self.surface])
         starts_word = np.array([bool(s) and (s[0].isalnum() or s[0] == "_") for s in self.surface])
         bare_space = np.array([p == SPACE for p in pieces])
+        self.bare_space = bare_space
         # a word after a space starts with a "▁word" piece, or a bare "▁" followed by word pieces
         self.start_space = np.flatnonzero((self.space & wordish & starts_word) | bare_space)
         self.start_nospace = np.flatnonzero(~self.space & wordish & starts_word)
@@ -88,22 +89,19 @@ class PieceTable:
         """
         chars: list[str] = []
         owner: list[int] = []
-        first_char: set[int] = set()
         for j, i in enumerate(ids):
             text = (" " if self.space[i] else "") + self.surface[i]
-            first_char.add(len(chars) + (1 if self.space[i] else 0))
             chars.extend(text)
             owner.extend([j] * len(text))
         joined = "".join(chars)
         out = []
         for m in WORD_RE.finditer(joined):
             s = m.start()
-            if s in first_char:
-                j = owner[s]
-                out.append((j, m.group(), bool(self.space[ids[j]]), s))
-            elif s > 0 and joined[s - 1] == " " and owner[s - 1] != owner[s]:
-                # bare "▁" piece followed by the word's first piece: the word starts at the "▁"
-                out.append((owner[s - 1], m.group(), True, s))
+            # a word starting inside a piece (rare) is kept: it counts, as a miss, like any word typed
+            j = owner[s]
+            if j > 0 and self.bare_space[ids[j - 1]] and not self.space[ids[j]]:
+                j -= 1  # a bare "▁" piece then the word's pieces: the word starts at the "▁"
+            out.append((j, m.group(), bool(self.space[ids[j]]), s))
         return out, joined
 
 

@@ -45,6 +45,6 @@ def tiny_model(tiny_tok, tmp_path_factory) -> KeyboardLM:
     torch.manual_seed(0)
     model = KeyboardLM(tiny_tok.vocab_size, ModelConfig(embed_dim=16, hidden=48))
     seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch(tiny_texts(400))]
-    cfg = CentralConfig(lr=1e-2, batch_size=8, max_tokens=40_000, seed=0)
+    cfg = CentralConfig(lr=1e-2, batch_size=8, max_tokens=60_000, warmup_tokens=0, seed=0)
     train_central(model, seqs, cfg, tmp_path_factory.mktemp("tiny"))
     return model.eval()
