@@ -38,25 +38,35 @@ def search_words(
     k: int = 3,
     beam: int = 6,
     max_pieces: int = 6,
+    completed: list[dict[str, float]] | None = None,
+    wave: int = 3,
 ) -> list[list[tuple[str, float]]]:
-    """Top-k whole words (word, log-probability) for each query, given the state after its context."""
+    """Top-k whole words (word, log-probability) for each query, given the state after its context.
+
+    Best-first in waves: each step expands only the `wave` most likely open prefixes of each query;
+    a prefix scoring below the k-th complete word found so far can never win (probabilities only
+    shrink as pieces are added) and is dropped. `beam` caps the open prefixes kept per query.
+
+    `completed`, if given, receives per query every word the search completed (word -> log-probability),
+    not only the top k: a caller can reuse them while the same word is being typed.
+    """
     nq = len(partials)
     completes: list[dict[str, float]] = [{} for _ in range(nq)]
     thresh = np.full(nq, -np.inf)
 
     # first pieces come straight from the context's distribution: no extra step
-    bq, bpiece, bscore, bsurf = [], [], [], []
+    bq: list[np.ndarray] = []
+    bpiece: list[np.ndarray] = []
+    bscore: list[np.ndarray] = []
     plain = [q for q in range(nq) if not partials[q]]
     for flag, ids in ((True, table.start_space), (False, table.start_nospace)):
         group = np.array([q for q in plain if spaces[q] == flag], dtype=np.int64)
         if len(group) and len(ids):
             sub = logp0.take(group, axis=0).take(ids, axis=1)
             top = _top_per_row(sub, beam)
-            bq.extend(np.repeat(group, top.shape[1]).tolist())
-            chosen = ids[top].ravel()
-            bpiece.extend(chosen.tolist())
-            bscore.extend(np.take_along_axis(sub, top, axis=1).ravel().tolist())
-            bsurf.extend(table.surface[p] for p in chosen)
+            bq.append(np.repeat(group, top.shape[1]))
+            bpiece.append(ids[top].ravel())
+            bscore.append(np.take_along_axis(sub, top, axis=1).ravel())
     for q in range(nq):
         if partials[q]:
             cand = table.compatible("start_space" if spaces[q] else "start_nospace", partials[q])
@@ -64,31 +74,46 @@ def search_words(
                 continue
             sc = logp0[q, cand]
             order = np.argsort(-sc)[:beam]
-            for o in order:
-                bq.append(q); bpiece.append(int(cand[o])); bscore.append(float(sc[o])); bsurf.append(table.surface[cand[o]])
-    q_arr = np.array(bq, dtype=np.int64)
+            bq.append(np.full(len(order), q)); bpiece.append(cand[order]); bscore.append(sc[order])
+    if not bq:
+        if completed is not None:
+            completed.extend(completes)
+        return [[] for _ in range(nq)]
+    q_arr = np.concatenate(bq).astype(np.int64)
+    piece = np.concatenate(bpiece).astype(np.int64)
+    score = np.concatenate(bscore).astype(np.float64)
     H, C = h0[q_arr], c0[q_arr]
-    piece = np.array(bpiece, dtype=np.int64)
-    score = np.array(bscore, dtype=np.float64)
-    surf = bsurf
+    depth = np.zeros(len(q_arr), dtype=np.int64)
+    surf = [table.surface[p] for p in piece]
 
-    for depth in range(max_pieces):
-        keep = np.flatnonzero(score >= thresh[q_arr]) if len(q_arr) else np.array([], dtype=np.int64)
-        if len(keep) == 0:
+    for _ in range(beam * max_pieces):  # a bound; the frontier empties long before
+        if len(q_arr) == 0:
             break
-        q_arr, piece, score, H, C = q_arr[keep], piece[keep], score[keep], H[keep], C[keep]
-        surf = [surf[i] for i in keep]
-        logp, H, C = backend.step(piece, H, C)
+        # drop what can no longer win, rank the rest per query, expand the best `wave`
+        order = np.lexsort((-score, q_arr))
+        order = order[score[order] >= thresh[q_arr[order]]]
+        if len(order) == 0:
+            break
+        qs = q_arr[order]
+        first = np.r_[0, np.flatnonzero(np.diff(qs)) + 1]
+        rank = np.arange(len(qs)) - np.repeat(first, np.diff(np.r_[first, len(qs)]))
+        order = order[rank < beam]
+        rank = rank[rank < beam]
+        go, wait = order[rank < wave], order[rank >= wave]
+
+        logp, Hn, Cn = backend.step(piece[go], H[go], C[go])
+        gq, gscore, gdepth = q_arr[go], score[go], depth[go]
+        gsurf = [surf[i] for i in go]
         # P(word ends here) = 1 - P(a piece that continues it): the continuing set is the small one
         cont_lp = logp.take(table.cont, axis=1)
         p_more = np.exp(logp.take(table.nonboundary, axis=1)).sum(axis=1)
         bnd = np.log(np.clip(1.0 - p_more, 1e-12, None))
         touched = set()
-        for b in range(len(q_arr)):
-            q, word = int(q_arr[b]), surf[b]
+        for b in range(len(go)):
+            q, word = int(gq[b]), gsurf[b]
             part = partials[q]
             if len(word) >= len(part) and word.startswith(part) and WORD_RE.fullmatch(word):
-                total = score[b] + float(bnd[b])
+                total = gscore[b] + float(bnd[b])
                 old = completes[q].get(word)
                 completes[q][word] = total if old is None else float(np.logaddexp(old, total))
                 touched.add(q)
@@ -96,10 +121,10 @@ def search_words(
             vals = sorted(completes[q].values(), reverse=True)
             if len(vals) >= k:
                 thresh[q] = vals[k - 1]
-        if depth == max_pieces - 1:
-            break
+
         # children: pieces that continue the word (and still fit what was typed)
-        free = np.array([len(surf[b]) >= len(partials[int(q_arr[b])]) for b in range(len(q_arr))], dtype=bool)
+        grow = gdepth + 1 < max_pieces
+        free = np.array([grow[b] and len(gsurf[b]) >= len(partials[int(gq[b])]) for b in range(len(go))], dtype=bool)
         par_l, piece_l, sc_l = [], [], []
         fi = np.flatnonzero(free)
         if len(fi):
@@ -107,32 +132,33 @@ def search_words(
             top = _top_per_row(sub, beam)
             par_l.append(np.repeat(fi, top.shape[1]))
             piece_l.append(table.cont[top].ravel())
-            sc_l.append((score[fi, None] + np.take_along_axis(sub, top, axis=1)).ravel())
-        for b in np.flatnonzero(~free):
-            word = surf[b]
-            allowed = table.compatible("cont", partials[int(q_arr[b])][len(word):])
+            sc_l.append((gscore[fi, None] + np.take_along_axis(sub, top, axis=1)).ravel())
+        for b in np.flatnonzero(grow & ~free):
+            word = gsurf[b]
+            allowed = table.compatible("cont", partials[int(gq[b])][len(word):])
             if len(allowed) == 0:
                 continue
             lp = logp[b, allowed]
             o = np.argsort(-lp)[:beam]
-            par_l.append(np.full(len(o), b)); piece_l.append(allowed[o]); sc_l.append(score[b] + lp[o])
-        if not par_l:
-            break
-        parent = np.concatenate(par_l).astype(np.int64)
-        child_piece = np.concatenate(piece_l).astype(np.int64)
-        child_score = np.concatenate(sc_l).astype(np.float64)
-        child_q = q_arr[parent]
-        ok = np.isfinite(child_score) & (child_score >= thresh[child_q])
-        parent, child_score, child_piece, child_q = parent[ok], child_score[ok], child_piece[ok], child_q[ok]
-        # keep the best `beam` children per query
-        order = np.lexsort((-child_score, child_q))
-        parent, child_score, child_piece, child_q = parent[order], child_score[order], child_piece[order], child_q[order]
-        first = np.r_[0, np.flatnonzero(np.diff(child_q)) + 1] if len(child_q) else np.array([], dtype=np.int64)
-        rank = np.arange(len(child_q)) - np.repeat(first, np.diff(np.r_[first, len(child_q)]))
-        sel = np.flatnonzero(rank < beam)
-        parent = parent[sel]
-        q_arr, piece, score = child_q[sel], child_piece[sel], child_score[sel]
-        H, C = H[parent], C[parent]
-        surf = [surf[p] + table.surface[c] for p, c in zip(parent, piece)]
+            par_l.append(np.full(len(o), b)); piece_l.append(allowed[o]); sc_l.append(gscore[b] + lp[o])
+        if par_l:
+            parent = np.concatenate(par_l).astype(np.int64)
+            cpiece = np.concatenate(piece_l).astype(np.int64)
+            cscore = np.concatenate(sc_l).astype(np.float64)
+            ok = np.isfinite(cscore) & (cscore >= thresh[gq[parent]])
+            parent, cpiece, cscore = parent[ok], cpiece[ok], cscore[ok]
+        else:
+            parent = cpiece = np.array([], dtype=np.int64)
+            cscore = np.array([], dtype=np.float64)
+        # the new frontier: prefixes still waiting plus the children just made
+        q_arr = np.concatenate([q_arr[wait], gq[parent]])
+        piece = np.concatenate([piece[wait], cpiece])
+        score = np.concatenate([score[wait], cscore])
+        H = np.concatenate([H[wait], Hn[parent]])
+        C = np.concatenate([C[wait], Cn[parent]])
+        depth = np.concatenate([depth[wait], gdepth[parent] + 1])
+        surf = [surf[i] for i in wait] + [gsurf[p] + table.surface[c] for p, c in zip(parent, cpiece)]
 
+    if completed is not None:
+        completed.extend(completes)
     return [sorted(d.items(), key=lambda kv: -kv[1])[:k] for d in completes]
