@@ -38,7 +38,9 @@ def prepare_stage(run_dir: Path, cfg: C.PrepareConfig, progress: bool = True) ->
     tokens = _token_counts(shards, tok)
     for r in rows:
         r["tokens"] = tokens.get((r["split"], r["region"]))
-    return {"rows": rows, "skips": res.skips, "skipped": res.skipped, "seconds": res.seconds, "tokenizer_sha256": tok.sha256}
+    out = {"rows": rows, "skips": res.skips, "skipped": res.skipped, "seconds": res.seconds, "tokenizer_sha256": tok.sha256}
+    write_json(run_dir / "data_stats.json", out)  # read by the report
+    return out
 
 
 def _token_counts(shards, tok) -> dict[tuple[str, str], int]:
