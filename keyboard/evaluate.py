@@ -13,7 +13,7 @@ from fedkey.config import EvalConfig
 from keyboard.batches import frame
 from keyboard.metrics import UserTally, mean_over, regional_hit, topk_hits, word_keystrokes
 from keyboard.ngram import BackoffNgram
-from keyboard.search import search_words
+from keyboard.search import StepBackend, search_words
 from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import TorchBackend, lstm_cell
 from keyboard.words import WORD_RE, PieceTable, normalize
@@ -66,8 +66,26 @@ def _states(model: torch.nn.Module, seqs: list[list[int]], wanted: list[list[int
         return nll, logp[bi, ti].numpy(), H[bi, ti].numpy(), C[bi, ti].numpy(), rows
 
 
+def _states_stepwise(backend, seqs: list[list[int]], wanted: list[list[int]]):
+    """`_states` through a StepBackend, one message at a time as a device runs it."""
+    nll = np.zeros(len(seqs))
+    out_lp, out_h, out_c, rows = [], [], [], []
+    logp, h0, c0 = backend.initial(1)
+    for b, s in enumerate(seqs):
+        h, c = np.zeros_like(h0), np.zeros_like(c0)  # the framed message starts with BOS itself
+        want = set(wanted[b])
+        for t in range(len(s) - 1):
+            logp, h, c = backend.step(np.array([s[t]], dtype=np.int64), h, c)
+            nll[b] -= logp[0, s[t + 1]]
+            if t in want:
+                out_lp.append(logp[0]); out_h.append(h[0]); out_c.append(c[0]); rows.append((b, t))
+    if not rows:
+        return nll, logp[:0], h0[:0], c0[:0], rows
+    return nll, np.stack(out_lp), np.stack(out_h), np.stack(out_c), rows
+
+
 def evaluate(
-    model: torch.nn.Module,
+    model: torch.nn.Module | StepBackend,
     tok: Tokenizer,
     messages: list[Message],
     cfg: EvalConfig,
@@ -75,12 +93,17 @@ def evaluate(
     train_words: dict[str, set[str]] | None = None,
     ngram: BackoffNgram | None = None,
     progress: Callable[[int, int], None] | None = None,
+    record: dict | None = None,
 ) -> dict:
-    """Evaluate a model on messages; returns the DESIGN.md `evaluate` JSON object."""
+    """Evaluate a model on messages; returns the DESIGN.md `evaluate` JSON object.
+
+    `model` is a torch module or any StepBackend (e.g. the exported ONNX graph's); `record`, if given,
+    receives every search's suggestions keyed (message, word index, characters typed).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     table = PieceTable.from_tokenizer(tok)
-    backend = TorchBackend(model)
+    backend = TorchBackend(model) if isinstance(model, torch.nn.Module) else model
     pairs = pairs or {}
     variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
     rng = np.random.default_rng(cfg.seed)
@@ -120,7 +143,8 @@ def evaluate(
     def flush(chunk: list[int]) -> None:
         seqs = [frame(ids[i], 10**9) for i in chunk]
         wanted = [sorted({parsed[i][0][q.word_idx][0] for q in by_msg[i]}) for i in chunk]
-        nll, logp, h, c, rows = _states(model, seqs, wanted)
+        states = _states if isinstance(model, torch.nn.Module) else _states_stepwise
+        nll, logp, h, c, rows = states(model, seqs, wanted)
         for b, i in enumerate(chunk):
             nll_of[i] = float(nll[b])
         row_of = {(chunk[b], t): r for r, (b, t) in enumerate(rows)}
@@ -151,6 +175,8 @@ def evaluate(
         if progress:
             progress(done, len(chosen))
 
+    if record is not None:
+        record.update(results)
     return _tally(messages, chosen, parsed, ksr_set, results, nll_of, variant_of, train_words, ngram, cfg)
 
 

@@ -1,0 +1,162 @@
+"""fedkey export: the on-device bundle (fp32 + int8 ONNX, tokenizer, a few users' adapters) and its parity."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedkey.commands.common import add_common, add_parser
+from fedkey.errors import FedkeyError
+from fedkey.io import read_json, write_json
+from fedkey.progress import bar
+from fedkey.tables import console
+
+PERSONAL, GATE, ADAPTERS = "personal", "gate.json", "adapters"
+
+
+def register(sub) -> None:
+    """Add the subcommand."""
+    p = add_parser(sub, "export", "Export the model as an on-device bundle (fp32 and int8 ONNX) and check int8 parity.")
+    add_common(p, preset=False)
+    p.add_argument("--model", type=Path, help="model folder (default: the model the run's adapters were trained on, "
+                                              "else the centralized model)")
+    p.add_argument("--user", nargs="+", metavar="ID", help="ship these users' adapters (default: a few GB and US "
+                                                            "users whose gate chose the adapter)")
+    p.add_argument("--per-region", type=int, default=3, help="users per region shipped by default")
+    p.add_argument("--out", type=Path, help="bundle folder (default: RUN_DIR/export)")
+    p.add_argument("--quant", choices=["weights", "dynamic"], default="weights",
+                   help="int8 method: per-channel int8 weights (default) or onnxruntime dynamic quantization")
+    p.add_argument("--parity-positions", type=int, default=2000,
+                   help="seeded sample of test word positions for int8-vs-torch parity (0: skip)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the parity sample")
+
+
+def default_model(run_dir: Path) -> Path:
+    """The model personalization used (its adapters name it by hash), else the centralized model."""
+    from fedkey.stages import file_hash
+    from keyboard.adapter_file import load_adapter
+
+    adapters = sorted((run_dir / PERSONAL / ADAPTERS).glob("*.npz"))
+    if adapters:
+        base = load_adapter(adapters[0]).base_id
+        for cand in sorted(run_dir.glob("*/model.pt")):
+            if file_hash(cand) == base:
+                return cand.parent
+    return run_dir / "central"
+
+
+def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_region: int) -> dict[str, tuple[Path, str]]:
+    """user -> (adapter file, region) to ship: the named users, or a few per region whose gate chose the adapter."""
+    from keyboard.adapter_file import load_adapter
+
+    adir = run_dir / PERSONAL / ADAPTERS
+    gate_path = run_dir / PERSONAL / GATE
+    gate = read_json(gate_path) if gate_path.exists() else {}
+    region_of = _regions(run_dir)
+    if users:
+        out = {}
+        for u in users:
+            path = adir / f"{u}.npz"
+            if not path.is_file():
+                raise FedkeyError(f"{path}: no adapter for user {u!r}; run `fedkey personalize` (or pick another user)")
+            if gate and not gate.get(u, {}).get("use_adapter", False):
+                raise FedkeyError(f"{gate_path}: the gate kept the global model for user {u!r} (the adapter did not "
+                                  "help on their validation text); ship another user")
+            ad = load_adapter(path, expect_base_id=base_id)
+            out[u] = (path, region_of.get(u) or ad.meta.get("region", "?"))
+        return out
+    if not adir.is_dir() or per_region <= 0:
+        return {}
+    picked: dict[str, tuple[Path, str]] = {}
+    counts: dict[str, int] = {}
+    for path in sorted(adir.glob("*.npz")):
+        u = path.stem
+        if gate and not gate.get(u, {}).get("use_adapter", False):
+            continue
+        ad = load_adapter(path)
+        if ad.base_id != base_id:
+            continue  # made for another model: never shipped with this one
+        region = region_of.get(u) or ad.meta.get("region", "?")
+        if counts.get(region, 0) < per_region:
+            counts[region] = counts.get(region, 0) + 1
+            picked[u] = (path, region)
+    return picked
+
+
+def _regions(run_dir: Path) -> dict[str, str]:
+    users = run_dir / "data" / "users.json"
+    if not users.exists():
+        return {}
+    from data.shards import Shards
+
+    shards = Shards.load(run_dir / "data")
+    return {u: shards.region(u) for u in shards.all_users()}
+
+
+def run(args: argparse.Namespace) -> None:
+    """Export, check parity on the test split, print sizes and agreement."""
+    from fedkey import pipeline as P
+    from fedkey.stages import file_hash
+    from keyboard.bundle import FP32, INT8, MANIFEST
+    from keyboard.checkpoint import MODEL_FILE, load_model
+    from keyboard.evaluate import Message
+    from keyboard.export import QuantSettings, build_bundle, measure_parity
+    from keyboard.onnx_backend import OnnxBackend, make_session
+
+    run_dir: Path = args.run_dir
+    model_dir = args.model or default_model(run_dir)
+    if not (model_dir / MODEL_FILE).is_file():
+        raise FedkeyError(f"{model_dir / MODEL_FILE}: no model; train one (`fedkey train-central --run-dir {run_dir}`) "
+                          "or pass --model")
+    out = args.out or run_dir / "export"
+    adapters = choose_adapters(run_dir, file_hash(model_dir / MODEL_FILE), args.user, args.per_region)
+    with bar(not args.no_progress, "exporting fp32 + int8 ONNX", None):
+        man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant))
+    fp32_b, int8_b = man["files"][FP32]["bytes"], man["files"][INT8]["bytes"]
+    res = {"bundle": str(out), "model": str(model_dir), "fp32_bytes": fp32_b, "int8_bytes": int8_b,
+           "int8_ratio": int8_b / fp32_b, "users": {u: r for u, (_, r) in adapters.items()},
+           "quantization": man["quantization"]["mode"], **man["export_check"]}
+    if args.parity_positions > 0 and (run_dir / P.DATA).exists():
+        shards, _ = P.load_prepared(run_dir)
+        ds = shards.dataset("test")
+        msgs = [Message(u, r, t) for u, r, t in zip(ds["user"], ds["region"], ds["text"])]
+        model, tok, _ = load_model(model_dir)
+        backend = OnnxBackend(make_session(str(out / INT8)))
+        with bar(not args.no_progress, f"int8 vs torch on {args.parity_positions:,} test positions", None):
+            parity = measure_parity(model, tok, backend, msgs, args.parity_positions, args.seed)
+        res.update(parity)
+        man["parity"] = parity
+        write_json(out / MANIFEST, man)  # hashes unchanged: the parity figures travel with the bundle
+    elif args.parity_positions > 0:
+        console.print(f"[yellow]no prepared data in {run_dir / P.DATA}: parity not measured[/]")
+    console.print(_table(res))
+    if args.json:
+        write_json(args.json, res)
+
+
+def _table(res: dict):
+    from rich.table import Table
+
+    t = Table(title=f"export -> {res['bundle']}", show_header=True)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_column("target", justify="right")
+
+    def ok(flag: bool) -> str:
+        return "[green]ok[/]" if flag else "[red]missed[/]"
+
+    t.add_row("model.onnx (fp32)", f"{res['fp32_bytes'] / 1e6:.2f} MB", "")
+    t.add_row("model.int8.onnx", f"{res['int8_bytes'] / 1e6:.2f} MB ({100 * res['int8_ratio']:.1f}% of fp32)",
+              f"<= 30% {ok(res['int8_ratio'] <= 0.30)}")
+    t.add_row("max |log-prob| diff fp32 / int8", f"{res['fp32_max_abs_logp_diff']:.1e} / {res['int8_max_abs_logp_diff']:.3f}", "")
+    if "top1_agreement" in res and res["top1_agreement"] is not None:
+        t.add_row(f"top-1 agreement int8 vs torch ({res['positions']:,} test positions, seed {res['seed']})",
+                  f"{100 * res['top1_agreement']:.2f}%", f">= 99% {ok(res['top1_agreement'] >= 0.99)}")
+        if res.get("midword_top1_agreement") is not None:
+            t.add_row(f"  mid-word top-1 agreement ({res['midword_queries']:,} keystrokes)",
+                      f"{100 * res['midword_top1_agreement']:.2f}%", "")
+        t.add_row("  top-3 list agreement (same three words)", f"{100 * res['top3_set_agreement']:.2f}%", "")
+        t.add_row("top-1 accuracy torch -> int8", f"{100 * res['torch_top1']:.2f}% -> {100 * res['exported_top1']:.2f}%",
+                  f"loss <= 0.3 pt {ok(res['top1_loss_points'] <= 0.3)}")
+    t.add_row("users' adapters shipped", ", ".join(f"{u} ({r})" for u, r in res["users"].items()) or "none", "")
+    return t

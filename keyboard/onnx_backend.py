@@ -1,0 +1,129 @@
+"""The search's StepBackend over onnxruntime: the exported step graph, with a user's adapter as inputs.
+
+No torch on this import path: it runs on devices.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import onnxruntime as ort
+
+from fedkey.errors import FedkeyError
+from keyboard.tokenizer import BOS
+
+
+def make_session(model: bytes | str, threads: int = 1, source: str = "model") -> ort.InferenceSession:
+    """A CPU session; one intra-op thread by default, as a keyboard process on a phone gets."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    # the int8 model keeps weights as int8 + per-channel scales (DequantizeLinear on constants): this lets
+    # onnxruntime fold them to float once at load instead of dequantizing 1.3M weights on every step
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    try:
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types for a truncated or foreign file
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise FedkeyError(f"{source}: not a loadable ONNX model ({msg}); re-run `fedkey export`") from None
+
+
+class OnnxBackend:
+    """StepBackend over an exported step graph; the adapter inputs are zeros for the global model."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        shapes = {i.name: i.shape for i in session.get_inputs()}
+        want = {"ids", "h", "c", "A", "B", "user_bias"}
+        if set(shapes) != want:
+            raise FedkeyError(f"model inputs {sorted(shapes)} are not fedkey's step graph {sorted(want)}; re-run `fedkey export`")
+        self.embed_dim, self.hidden, self.vocab_size = shapes["h"][1], shapes["c"][1], shapes["user_bias"][0]
+        self.steps = 0  # session runs: lets benchmarks count model calls per keystroke
+        self.rows = 0
+        self.clear_adapter()
+
+    def clear_adapter(self) -> None:
+        """Use the global model: f' = f, no user bias."""
+        d = self.embed_dim
+        self.set_adapter(np.zeros((d, 1), np.float32), np.zeros((1, d), np.float32), np.zeros(self.vocab_size, np.float32))
+
+    def set_adapter(self, A: np.ndarray, B: np.ndarray, user_bias: np.ndarray) -> None:  # noqa: N803
+        """Apply a user's adapter, f' = f + (f @ A) @ B and logits + user_bias, on every following step."""
+        d, V = self.embed_dim, self.vocab_size
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != d or B.shape != (A.shape[1], d) or user_bias.shape != (V,):
+            raise FedkeyError(f"adapter shapes A{A.shape} B{B.shape} bias{user_bias.shape} do not fit this model "
+                              f"(embed_dim {d}, vocab {V})")
+        self._adapter = {"A": np.ascontiguousarray(A, np.float32), "B": np.ascontiguousarray(B, np.float32),
+                         "user_bias": np.ascontiguousarray(user_bias, np.float32)}
+
+    def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Feed one piece per row; return log-probabilities of the next piece and the new state."""
+        self.steps += 1
+        self.rows += len(ids)
+        logp, h2, c2 = self.session.run(None, {"ids": np.ascontiguousarray(ids, np.int64),
+                                               "h": np.ascontiguousarray(h, np.float32),
+                                               "c": np.ascontiguousarray(c, np.float32), **self._adapter})
+        return logp, h2, c2
+
+    def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """State after the begin-of-message piece, for n rows."""
+        h = np.zeros((n, self.embed_dim), np.float32)
+        c = np.zeros((n, self.hidden), np.float32)
+        return self.step(np.full(n, BOS, np.int64), h, c)
+
+
+class StepCache:
+    """A StepBackend that remembers recent steps by (piece, h), so keystrokes reuse earlier work.
+
+    Typing one more character re-runs a search whose beams mostly start from the same states with the
+    same pieces as the previous keystroke's; finishing a word steps pieces that search already ran.
+    A hit returns exactly the stored rows, so results never depend on whether a row was cached.
+    """
+
+    def __init__(self, backend, capacity: int = 128) -> None:
+        self.backend, self.capacity = backend, capacity
+        self._rows: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        """Forget every stored step (after the adapter changes)."""
+        self._rows.clear()
+
+    def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stored rows where this (piece, h) was stepped before; one backend run for the rest."""
+        if self.capacity <= 0:
+            return self.backend.step(ids, h, c)
+        rows = self._rows
+        # h (the projected output) identifies the state: two paths with bit-identical h and different c
+        # would need identical o * tanh(c) projections, and hashing h is 7x cheaper than hashing c too
+        keys = [(i, hr.tobytes()) for i, hr in zip(ids.tolist(), h)]
+        miss = []
+        for j, key in enumerate(keys):
+            if key in rows:
+                rows.move_to_end(key)
+            else:
+                miss.append(j)
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
+        out = None
+        if miss:
+            m = np.array(miss)
+            logp, h2, c2 = self.backend.step(np.asarray(ids)[m], np.asarray(h)[m], np.asarray(c)[m])
+            for r, j in enumerate(miss):  # copies: a view would keep the whole batch's output alive
+                rows[keys[j]] = (logp[r].copy(), h2[r].copy(), c2[r].copy())
+            if len(miss) == len(keys):
+                out = (logp, h2, c2)
+        if out is None:
+            got = [rows[key] for key in keys]
+            out = (np.stack([g[0] for g in got]), np.stack([g[1] for g in got]), np.stack([g[2] for g in got]))
+        while len(rows) > self.capacity:
+            rows.popitem(last=False)
+        return out
+
+    def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The wrapped backend's initial state."""
+        return self.backend.initial(n)

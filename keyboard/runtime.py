@@ -1,0 +1,169 @@
+"""The on-device suggestion engine: an exported bundle, onnxruntime and the shared Predictor; no torch.
+
+`load_bundle(dir, user)` gives an `OnDevicePredictor` with the Predictor's interface (`suggest`)
+plus profile switching between the global model and the users' adapters shipped in the bundle.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from fedkey.errors import FedkeyError
+from keyboard.adapter_file import load_adapter
+from keyboard.bundle import FP32, INT8, TOKENIZER, Bundle, adapter_name, open_bundle
+from keyboard.onnx_backend import OnnxBackend, StepCache, make_session
+from keyboard.predictor import Predictor, Suggestion
+from keyboard.search import search_words
+from keyboard.tokenizer import Tokenizer
+from keyboard.words import PieceTable, split_typed
+
+MAX_K = 16
+# the model conditions on the recent text only; the window starts on a block boundary so it moves
+# rarely and the Predictor's per-piece state cache keeps working across keystrokes
+WINDOW_CHARS = 256
+
+
+def recent_text(text: str, window: int = WINDOW_CHARS) -> str:
+    """The last `window`..2*`window` characters, cut at a stable block boundary and then at a space."""
+    if len(text) <= 2 * window:
+        return text
+    start = (len(text) - window) // window * window
+    space = text.find(" ", start, start + window)
+    return text[space + 1 if space >= 0 else start:]
+
+
+class WordCachePredictor(Predictor):
+    """The Predictor with what a keyboard engine adds: while one word is typed, earlier searches are reused.
+
+    A search for the typed prefix completes many words, not only the k it shows. The next keystroke
+    only narrows the prefix, so when at least k of those words still match, they are the answer
+    without a new search; otherwise it searches (and its words serve the following keystrokes).
+    The context's piece ids are also kept while only the partial word changes.
+    """
+
+    def __init__(self, *args, reuse_words: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reuse_words = reuse_words
+        self.searches = self.reused = 0
+        self._context: tuple[str, bool] | None = None
+        self._ids: list[int] = []
+        self._found: dict[str, tuple[int, list[tuple[str, float]]]] = {}  # partial -> (k, completed words)
+
+    def _reusable(self, partial: str, k: int) -> list[tuple[str, float]] | None:
+        for n in range(len(partial), -1, -1):  # the most specific earlier search for this word
+            prior = self._found.get(partial[:n])
+            if prior is not None and prior[0] >= k:
+                words = [ws for ws in prior[1] if ws[0].startswith(partial)]
+                return words[:k] if len(words) >= k else None
+        return None
+
+    def suggest(self, text: str, k: int = 3) -> list[Suggestion]:
+        """Top-k whole words for the text typed so far (which may end mid-word)."""
+        context, partial, space = split_typed(text)
+        if (context, space) != self._context:
+            self._context, self._found = (context, space), {}
+            self._ids = self.encode(context) if context.strip() else []
+        found = self._reusable(partial, k) if self.reuse_words else None
+        if found is None:
+            logp, h, c = self._state_for(self._ids)
+            completed: list[dict[str, float]] = []
+            found = search_words(self.backend, self.table, logp, h, c, [partial], [space], k=k,
+                                 beam=max(self.beam, k), max_pieces=self.max_pieces, completed=completed)[0]
+            self._found[partial] = (k, sorted(completed[0].items(), key=lambda kv: -kv[1]))
+            self.searches += 1
+        else:
+            self.reused += 1
+        return [Suggestion(w, math.exp(s)) for w, s in found]
+
+
+class OnDevicePredictor:
+    """Completes the word being typed or predicts the next one, from an exported bundle."""
+
+    def __init__(self, bundle: Bundle, backend: OnnxBackend, tok: Tokenizer, model_name: str, model_bytes: int,
+                 beam: int = 6, max_pieces: int = 6, cache: bool = True) -> None:
+        self.bundle, self.backend, self.tokenizer = bundle, backend, tok
+        self.model_name, self.model_bytes = model_name, model_bytes
+        self.table = PieceTable.from_tokenizer(tok)
+        self.beam, self.max_pieces, self.cache = beam, max_pieces, cache
+        self.last_latency_ms = 0.0
+        self.load_ms = 0.0
+        self._profile: str | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        # cached log-probabilities depend on the adapter, so a profile switch starts fresh caches
+        self.steps = StepCache(self.backend, capacity=128 if self.cache else 0)
+        self.predictor = WordCachePredictor(self.steps, self.table, self.tokenizer.encode, beam=self.beam,
+                                            max_pieces=self.max_pieces, reuse_words=self.cache)
+
+    @property
+    def profile(self) -> str | None:
+        """The user whose adapter is applied (None: the global model)."""
+        return self._profile
+
+    def profiles(self) -> list[tuple[str, str]]:
+        """(user_id, region) of every adapter shipped in the bundle."""
+        return sorted(self.bundle.profiles.items())
+
+    def set_profile(self, user_id: str | None) -> None:
+        """Apply a shipped user's adapter, or the global model for None."""
+        if user_id is None:
+            self.backend.clear_adapter()
+        else:
+            if user_id not in self.bundle.profiles:
+                shipped = ", ".join(sorted(self.bundle.profiles)) or "none"
+                raise FedkeyError(f"user {user_id!r}: no adapter in {self.bundle.dir} (shipped: {shipped}); "
+                                  "export with `fedkey export --user ID`")
+            name = adapter_name(user_id)
+            self.bundle.read(name)  # verified against the manifest before use
+            ad = load_adapter(self.bundle.dir / name, expect_base_id=self.bundle.manifest["base_id"],
+                              vocab_size=self.backend.vocab_size, embed_dim=self.backend.embed_dim)
+            self.backend.set_adapter(ad.A, ad.B, ad.user_bias)
+        self._profile = user_id
+        self._reset()
+
+    @property
+    def steps_run(self) -> int:
+        """Context pieces fed to the model so far (the Predictor's counter, for state-reuse checks)."""
+        return self.predictor.steps_run
+
+    def suggest(self, text: str, k: int = 3) -> list[Suggestion]:
+        """Top-k whole words for the text typed so far (which may end mid-word)."""
+        t0 = time.perf_counter()
+        if not isinstance(text, str):
+            raise FedkeyError(f"suggest() takes the typed text as str, not {type(text).__name__}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise FedkeyError(f"suggest(k={k!r}): k must be an integer from 1 to {MAX_K}")
+        text = recent_text(text)
+        # lone surrogates (from broken clipboard text) cannot be encoded; they become U+FFFD
+        text = text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
+        out = self.predictor.suggest(text, k)
+        self.last_latency_ms = (time.perf_counter() - t0) * 1e3
+        return out
+
+
+def load_bundle(bundle_dir: str | Path, user: str | None = None, int8: bool = True, threads: int = 1,
+                cache: bool = True) -> OnDevicePredictor:
+    """Open an exported bundle (verifying every file it reads) as a predictor for `user` (None: global).
+
+    `threads`: onnxruntime intra-op threads (1: lowest latency for one row). `cache`: reuse work across
+    keystrokes (steps and the current word's completed words); False gives the plain Predictor's results.
+    """
+    t0 = time.perf_counter()
+    bundle = open_bundle(bundle_dir)
+    name = INT8 if int8 else FP32
+    model = bundle.read(name)
+    tok = Tokenizer(bundle.read(TOKENIZER), str(bundle.dir / TOKENIZER))
+    backend = OnnxBackend(make_session(model, threads, str(bundle.dir / name)))
+    man = bundle.manifest
+    if (backend.vocab_size, backend.embed_dim, backend.hidden) != (man["vocab_size"], man["embed_dim"], man["hidden"]) \
+            or tok.vocab_size != man["vocab_size"]:
+        raise FedkeyError(f"{bundle.dir / name}: shapes do not match {bundle.dir / 'manifest.json'}; re-run `fedkey export`")
+    pred = OnDevicePredictor(bundle, backend, tok, name, len(model), cache=cache)
+    if user is not None:
+        pred.set_profile(user)
+    pred.load_ms = (time.perf_counter() - t0) * 1e3
+    return pred
+
