@@ -1,0 +1,349 @@
+"""The terminal keyboard driven through Textual's Pilot, on a real exported int8 bundle.
+
+The bundle: a tiny LSTM trained on chat phrases where "color" is common and "colour" rare (a few
+British messages), exported by keyboard.export, with two users' adapters: a GB user whose user_bias
+favours the "colour" piece, and a US user with a zero adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from fedkey.cli import main as fedkey_main
+from fedkey.config import CentralConfig, ModelConfig
+from fedkey.stages import file_hash
+from keyboard.adapter_file import AdapterArrays, save_adapter
+from keyboard.batches import frame
+from keyboard.checkpoint import save_model
+from keyboard.export import build_bundle
+from keyboard.model import KeyboardLM
+from keyboard.runtime import load_bundle
+from keyboard.tokenizer import train_tokenizer
+from keyboard.train import train_central
+from tests.conftest import PHRASES
+from tui.app import KeyboardApp
+from tui.suggester import Suggester
+from tui.widgets import StatusLine, SuggestionBar, SuggestionSlot
+
+GB_USER, US_USER = "gb0c0ffee-1111", "us0decaf-2222"
+BRITISH = ["i like the colour blue", "what is your favourite colour"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_texts(n: int = 600, british: float = 0.05, seed: int = 0) -> list[str]:
+    """Chat phrases, a few of them with British spellings."""
+    rng = random.Random(seed)
+    return [rng.choice(BRITISH) if rng.random() < british else rng.choice(PHRASES) for _ in range(n)]
+
+
+def user_adapter(model: KeyboardLM, base_id: str, user: str, bias: np.ndarray, region: str) -> AdapterArrays:
+    d = model.cfg.embed_dim
+    return AdapterArrays(A=np.zeros((d, 2), np.float32), B=np.zeros((2, d), np.float32), user_bias=bias,
+                         base_id=base_id, user=user, meta={"region": region})
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A real int8 bundle with a GB user who prefers "colour" and a US user on the global model's words."""
+    root = tmp_path_factory.mktemp("demo")
+    texts = demo_texts()
+    tok = train_tokenizer(texts, vocab_size=380, seed=0)
+    assert len(tok.encode("colour")) == 1  # one piece, so the adapter's bias is on exactly that word
+    torch.manual_seed(0)
+    model = KeyboardLM(tok.vocab_size, ModelConfig(embed_dim=16, hidden=32))
+    cfg = CentralConfig(lr=1e-2, batch_size=8, max_tokens=50_000, warmup_tokens=0, seed=0, threads=1)
+    train_central(model, [frame(ids, 64) for ids in tok.encode_batch(texts)], cfg, root / "train")
+    save_model(root / "model", model.eval(), tok)
+    base_id = file_hash(root / "model" / "model.pt")
+    gb_bias = np.zeros(tok.vocab_size, np.float32)
+    gb_bias[tok.encode("colour")[0]] = 4.0
+    adapters = {}
+    for user, bias, region in ((GB_USER, gb_bias, "GB"), (US_USER, np.zeros_like(gb_bias), "US")):
+        path = root / "personal" / f"{user}.npz"
+        save_adapter(path, user_adapter(model, base_id, user, bias, region))
+        adapters[user] = (path, region)
+    build_bundle(root / "model", root / "export", adapters)
+    return root / "export"
+
+
+@pytest.fixture
+def engine(bundle):
+    return load_bundle(bundle)
+
+
+async def settle(pilot) -> None:
+    """Let every prediction worker finish and its answer reach the widgets."""
+    for _ in range(3):
+        await pilot.pause()
+        await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def type_text(pilot, text: str) -> None:
+    await pilot.press(*["space" if ch == " " else ch for ch in text])
+    await settle(pilot)
+
+
+def bar_words(app) -> list[str]:
+    return [s.word for s in app.query(SuggestionSlot)]
+
+
+def screen_text(app) -> str:
+    """The screen as plain text, as a terminal shows it (what `tmux capture-pane -p` gives)."""
+    width, height = app.size
+    console = Console(width=width, height=height, file=io.StringIO(), record=True, force_terminal=True,
+                      color_system=None, legacy_windows=False, safe_box=False)
+    console.print(app.screen._compositor.render_update(full=True))  # the same render export_screenshot uses
+    return console.export_text()
+
+
+def test_typing_shows_suggestions_and_latency(engine):
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            assert bar_words(app) == [s.word for s in engine.suggest("")]  # first words before any key
+            await type_text(pilot, "i like the ")
+            assert app.shown_for == "i like the " and bar_words(app)[0] == "color"  # the next word
+            await type_text(pilot, "c")
+            assert all(w.startswith("c") for w in bar_words(app))  # completing the word mid-word
+            status = str(app.query_one(StatusLine).render())
+            assert re.search(r"latency \d+\.\d ms/key", status) and app.latency_ms > 0
+            assert f"int8 ONNX {engine.model_bytes / 1e6:.2f} MB" in status
+            assert app.typing.keystrokes == len("i like the c")
+    asyncio.run(go())
+
+
+def test_tab_and_f_keys_accept_a_word_and_a_space(engine):
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_text(pilot, "i like the colo")
+            first, second = bar_words(app)[:2]
+            assert (first, second) == ("color", "colour")
+            await pilot.press("tab")
+            await settle(pilot)
+            assert app.text_area.text == "i like the color "
+            assert app.text_area.cursor_location == (0, len("i like the color "))
+            await pilot.press("backspace", "backspace")  # back to "colo", mid-word
+            await settle(pilot)
+            assert app.text_area.text == "i like the colo"
+            await pilot.press("f2")
+            await settle(pilot)
+            assert app.text_area.text == "i like the colour "
+            t = app.typing
+            assert t.accepted == 2 and t.keystrokes == 15 + 1 + 2 + 1
+            assert t.saved == (len("r ") - 1) + (len("ur ") - 1)  # characters typed for you, less one key each
+            # after the space the bar predicts the next word again
+            assert app.shown_for == "i like the colour " and bar_words(app)[0] == "blue"
+    asyncio.run(go())
+
+
+def test_clicking_a_suggestion_accepts_it(engine):
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_text(pilot, "see you tom")
+            words = bar_words(app)
+            assert words[0] == "tomorrow"
+            assert await pilot.click("#slot1")
+            await settle(pilot)
+            assert app.text_area.text == "see you tomorrow "
+            assert app.focused is app.text_area  # typing goes on without another click
+    asyncio.run(go())
+
+
+def test_gb_profile_completes_colo_as_colour(engine):
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_text(pilot, "i like the colo")
+            assert bar_words(app)[0] == "color"
+            await pilot.press("f4")  # profiles: global, then GB users, then US users
+            await settle(pilot)
+            assert engine.profile == GB_USER and app.shown_for == "i like the colo"
+            assert bar_words(app)[0] == "colour"  # same text, the GB user's adapter
+            await pilot.press("f4")
+            await settle(pilot)
+            assert engine.profile == US_USER and bar_words(app)[0] == "color"
+            await pilot.press("f4")
+            await settle(pilot)
+            assert engine.profile is None and bar_words(app)[0] == "color"
+            await pilot.press("tab")
+            await settle(pilot)
+            assert app.text_area.text == "i like the color "
+    asyncio.run(go())
+
+
+def test_starting_profile_and_profile_selector(bundle):
+    async def go():
+        app = KeyboardApp(load_bundle(bundle, user=GB_USER))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_text(pilot, "i like the colo")
+            assert bar_words(app)[0] == "colour"
+            app.query_one("#profile").value = ""  # choosing "global model" in the selector
+            await settle(pilot)
+            assert app.engine.profile is None and bar_words(app)[0] == "color"
+            assert app.focused is app.text_area
+    asyncio.run(go())
+
+
+def test_stale_answers_are_dropped(engine):
+    s = Suggester(engine)
+    old, new = s.ticket(), s.ticket()
+    assert s.predict(old, "i like the colo", None) is None  # superseded before it ran: the model is not asked
+    p = s.predict(new, "i like the colo", GB_USER)
+    assert p.words[0] == "colour" and engine.profile == GB_USER and p.latency_ms > 0
+
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press(*"what is your")  # no waiting between keys
+            await settle(pilot)
+            assert app.shown_for == "what is your" == app.text_area.text
+            assert bar_words(app) == [w.word for w in load_bundle(engine.bundle.dir).suggest("what is your")]
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("key", ["escape", "ctrl+q"])
+def test_quit_keys(engine, key):
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_text(pilot, "hi")
+            assert app.return_code is None
+            await pilot.press(key)
+            await pilot.pause()
+            return app.return_code
+    assert asyncio.run(go()) == 0
+
+
+NO_TORCH = """
+import asyncio, json, sys
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not on a phone")
+
+
+sys.meta_path.insert(0, NoTorch())
+from argparse import Namespace
+from pathlib import Path
+
+from fedkey.commands import demo
+from keyboard.runtime import load_bundle
+from tui.app import KeyboardApp
+from tui.widgets import SuggestionSlot
+
+
+async def go():
+    bundle = demo.bundle_dir(Namespace(bundle=Path(sys.argv[1]), run_dir=None))
+    app = KeyboardApp(load_bundle(bundle))
+    async with app.run_test(size=(80, 24)) as pilot:
+        words = []
+        for key in [*"i like the colo", "f4"]:
+            await pilot.press("space" if key == " " else key)
+        for _ in range(3):
+            await pilot.pause()
+            await app.workers.wait_for_complete()
+        await pilot.pause()
+        return [s.word for s in app.query(SuggestionSlot)], app.engine.profile
+
+
+words, profile = asyncio.run(go())
+print(json.dumps({"words": words, "profile": profile,
+                  "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}))
+"""
+
+
+def test_demo_runs_without_torch(bundle):
+    """The app, its command module and the runtime work where torch cannot be imported, as on a device."""
+    res = subprocess.run([sys.executable, "-c", NO_TORCH, str(bundle)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"words": out["words"], "profile": GB_USER, "torch": []}
+    assert out["words"][0] == "colour"
+
+
+def test_no_bundle_says_how_to_make_one(tmp_path, capsys):
+    assert fedkey_main(["demo", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedkey demo: error: no bundle at {tmp_path / 'run' / 'export'}; "
+                   f"run `fedkey export --run-dir {tmp_path / 'run'}` first")
+
+
+def test_unknown_user_is_one_line(bundle, capsys):
+    assert fedkey_main(["demo", "--bundle", str(bundle), "--user", "nobody"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'nobody'" in err and GB_USER in err
+
+
+def test_session_summary(engine):
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_text(pilot, "see you tom")
+            await pilot.press("tab")
+            await settle(pilot)
+            return app.summary()
+    s = asyncio.run(go())
+    assert (s["keystrokes"], s["accepted"], s["saved_keystrokes"]) == (12, 1, len("orrow ") - 1)
+    assert s["ksr"] == pytest.approx(1 - 12 / len("see you tomorrow "))
+    assert s["model"] == "model.int8.onnx" and s["predictions"] >= 2 and 0 < s["latency_p50_ms"] <= s["latency_p99_ms"]
+
+
+SNAPSHOT = """\
+ fedkey on-device keyboard · profile: global model                    ▼
+▊▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▎
+▊ i like the colo                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊                                                                              ▎
+▊▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▎
+╭─ F1 / Tab ─────────────╮╭─ F2 ────────────────────╮╭─ F3 ────────────────────╮
+│         color          ││         colour          ││         coloro          │
+╰────────────────────────╯╰─────────────────────────╯╰─────────────────────────╯
+ latency ?.? ms/key │ int8 ONNX 0.02 MB │ saved 0/15 keys (0%)
+ Tab/F1-F3/Alt+1-3/click: take word │ F4: profile │ Enter: new line │ Esc: quit
+"""
+
+
+def test_screen_at_80x24(engine):
+    """The whole screen after typing, as text (latency digits masked: they are measured, not fixed)."""
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_text(pilot, "i like the colo")
+            return screen_text(app)
+    text = re.sub(r"latency +\d+\.\d", "latency ?.?", asyncio.run(go()))
+    text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+    print(text)
+    assert text == SNAPSHOT

@@ -1,0 +1,77 @@
+"""The app's one door to the model: the engine interface it needs, and stale-proof requests from worker threads.
+
+The engine is `keyboard.runtime.OnDevicePredictor` (int8 ONNX, no torch); anything with the same
+members works, which is how the app could be pointed at another runtime.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from keyboard.predictor import Suggestion
+
+SLOTS = 3
+
+
+class Engine(Protocol):
+    """What the app uses of the on-device runtime."""
+
+    model_name: str
+    model_bytes: int
+    last_latency_ms: float
+
+    @property
+    def profile(self) -> str | None: ...
+
+    def profiles(self) -> list[tuple[str, str]]: ...
+
+    def set_profile(self, user_id: str | None) -> None: ...
+
+    def suggest(self, text: str, k: int = 3) -> list[Suggestion]: ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer to one request: the words for `text` under `profile`, and how long the model took."""
+
+    ticket: int
+    text: str
+    profile: str | None
+    words: tuple[str, ...]
+    latency_ms: float
+
+
+class Suggester:
+    """Runs requests on worker threads, one at a time, answering only the newest.
+
+    Every keystroke takes a ticket on the UI thread. A worker holding an older ticket skips the model
+    entirely (a newer keystroke superseded it), and the UI drops any answer that is no longer the
+    newest, so typing fast never queues stale work nor shows stale words. The engine's caches are
+    not thread-safe; the lock makes the workers take turns.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._latest = 0
+
+    def ticket(self) -> int:
+        """A new request number (UI thread); every earlier one becomes stale."""
+        self._latest += 1
+        return self._latest
+
+    def is_current(self, ticket: int) -> bool:
+        """Whether no newer request was made since `ticket`."""
+        return ticket == self._latest
+
+    def predict(self, ticket: int, text: str, profile: str | None) -> Prediction | None:
+        """The top words for `text` under `profile` (worker thread); None if the request went stale."""
+        with self._lock:
+            if not self.is_current(ticket):
+                return None
+            if self.engine.profile != profile:
+                self.engine.set_profile(profile)
+            words = tuple(s.word for s in self.engine.suggest(text, SLOTS))
+            return Prediction(ticket, text, profile, words, self.engine.last_latency_ms)
