@@ -14,7 +14,7 @@ import random
 import re
 import subprocess
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +152,25 @@ def test_tab_and_f_keys_accept_a_word_and_a_space(engine):
     asyncio.run(go())
 
 
+def test_enter_starts_a_new_message_and_words_are_replaced_at_the_cursor(engine):
+    async def go():
+        app = KeyboardApp(engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_text(pilot, "i like the colo")
+            await pilot.press("enter")
+            await settle(pilot)
+            assert app.shown_for == "" and bar_words(app) == [s.word for s in load_bundle(engine.bundle.dir).suggest("")]
+            await type_text(pilot, "i like the cr blue")
+            await pilot.press(*["left"] * len("r blue"))  # the cursor after "c", inside the word "cr"
+            await settle(pilot)
+            assert app.shown_for == "i like the c" and bar_words(app)[0] == "color"
+            await pilot.press("tab")
+            await settle(pilot)
+            assert app.text_area.text == "i like the colo\ni like the color blue"
+            assert app.text_area.cursor_location == (1, len("i like the color "))
+    asyncio.run(go())
+
+
 def test_clicking_a_suggestion_accepts_it(engine):
     async def go():
         app = KeyboardApp(engine)
@@ -194,7 +213,8 @@ def test_starting_profile_and_profile_selector(bundle):
         async with app.run_test(size=(80, 24)) as pilot:
             await type_text(pilot, "i like the colo")
             assert bar_words(app)[0] == "colour"
-            app.query_one("#profile").value = ""  # choosing "global model" in the selector
+            await pilot.click("#profile")  # open the selector and pick the first entry, the global model
+            await pilot.press("home", "enter")
             await settle(pilot)
             assert app.engine.profile is None and bar_words(app)[0] == "color"
             assert app.focused is app.text_area
@@ -208,14 +228,44 @@ def test_stale_answers_are_dropped(engine):
     p = s.predict(new, "i like the colo", GB_USER)
     assert p.words[0] == "colour" and engine.profile == GB_USER and p.latency_ms > 0
 
+
+
+class SlowEngine:
+    """The real engine with a slow suggest(), as on a weak phone: typing must not wait for it."""
+
+    def __init__(self, engine, delay_s: float) -> None:
+        self.engine, self.delay_s, self.asked = engine, delay_s, []
+
+    def suggest(self, text: str, k: int = 3):
+        self.asked.append(text)
+        time.sleep(self.delay_s)
+        return self.engine.suggest(text, k)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def test_typing_never_waits_for_the_model(engine):
+    slow = SlowEngine(engine, delay_s=0.25)
+
     async def go():
-        app = KeyboardApp(engine)
+        app = KeyboardApp(slow)
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press(*"what is your")  # no waiting between keys
             await settle(pilot)
-            assert app.shown_for == "what is your" == app.text_area.text
-            assert bar_words(app) == [w.word for w in load_bundle(engine.bundle.dir).suggest("what is your")]
-    asyncio.run(go())
+            t0 = time.perf_counter()
+            await pilot.press(*["space" if ch == " " else ch for ch in "what is your"])
+            typed_s = time.perf_counter() - t0
+            text_then = app.text_area.text
+            await settle(pilot)
+            return typed_s, text_then, app.shown_for, bar_words(app)
+    typed_s, text_then, shown_for, words = asyncio.run(go())
+    assert text_then == "what is your"  # every key landed while the model was busy
+    assert typed_s < 0.6 * 12 * 0.25  # much less than one model call per key
+    # keystrokes superseded while the model was busy never reached it; the newest always did
+    asked = slow.asked[1:]  # [0] is the empty text at start
+    assert len(asked) < 12 and asked[-1] == "what is your" == shown_for
+    assert all("what is your".startswith(a) and len(a) < len(b) for a, b in zip(asked, asked[1:]))
+    assert words == [w.word for w in load_bundle(engine.bundle.dir).suggest("what is your")]
 
 
 @pytest.mark.parametrize("key", ["escape", "ctrl+q"])
@@ -332,7 +382,7 @@ SNAPSHOT = """\
 │         color          ││         colour          ││         coloro          │
 ╰────────────────────────╯╰─────────────────────────╯╰─────────────────────────╯
  latency ?.? ms/key │ int8 ONNX 0.02 MB │ saved 0/15 keys (0%)
- Tab/F1-F3/Alt+1-3/click: take word │ F4: profile │ Enter: new line │ Esc: quit
+ Tab/F1-F3/click: take a word │ F4: next profile │ Enter: new line │ Esc: quit
 """
 
 

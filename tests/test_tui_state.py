@@ -14,11 +14,23 @@ def test_partial_word_is_what_the_predictor_completes():
 
 def test_accept_replaces_the_partial_word_and_adds_a_space():
     acc = accept("i like the colo", "colour")
-    assert (acc.replace_chars, acc.insert, acc.typed_for_you) == (4, "colour ", 3)
+    assert (acc.before, acc.insert, acc.after, acc.typed_for_you) == (4, "colour ", 0, 3)
     acc = accept("i like the ", "colour")  # next word: nothing replaced
-    assert (acc.replace_chars, acc.insert, acc.typed_for_you) == (0, "colour ", 7)
+    assert (acc.before, acc.insert, acc.after, acc.typed_for_you) == (0, "colour ", 0, 7)
     assert accept("I like the Colo", "colour").insert == "Colour "
     assert accept("COLO", "colour").insert == "COLOUR "
+
+
+def test_accept_inside_a_word_replaces_the_whole_word():
+    def apply(line: str, cursor: int, word: str) -> tuple[str, int]:
+        acc = accept(line[:cursor], word, line[cursor:])
+        start = cursor - acc.before
+        return line[:start] + acc.insert + line[cursor + acc.after:], start + len(acc.insert)
+
+    assert apply("the colr is blue", 7, "colour") == ("the colour is blue", 11)  # no doubled space
+    assert apply("the colr", 7, "colour") == ("the colour ", 11)
+    assert apply("say it's", 6, "it's") == ("say it's ", 9)
+    assert apply("a b", 2, "cat") == ("a cat ", 6)  # after a space, the word there is replaced
 
 
 def test_match_case():

@@ -22,7 +22,7 @@ from tui.suggester import Engine, Prediction, Suggester
 from tui.widgets import StatusLine, SuggestionBar
 
 GLOBAL = ""  # the profile selector's value for the global model (the engine's None)
-HELP = "Tab/F1-F3/Alt+1-3/click: take word │ F4: profile │ Enter: new line │ Esc: quit"
+HELP = "Tab/F1-F3/click: take a word │ F4: next profile │ Enter: new line │ Esc: quit"
 
 
 def profile_label(user: str, region: str) -> str:
@@ -50,8 +50,9 @@ class KeyboardApp(App):
     """
     BINDINGS = [
         Binding("tab", "take(0)", "take 1st", priority=True, show=False),
-        *(Binding(f"f{i + 1},alt+{i + 1}", f"take({i})", f"take word {i + 1}", priority=True, show=False)
-          for i in range(3)),
+        # F-keys, not Ctrl/Alt+digit: terminals do not send Ctrl+digit, and Textual reads Alt+digit
+        # (ESC + digit) as the macOS Option characters ¡ ™ £
+        *(Binding(f"f{i + 1}", f"take({i})", f"take word {i + 1}", priority=True, show=False) for i in range(3)),
         Binding("f4", "next_profile", "next profile", priority=True, show=False),
         Binding("escape", "quit", "quit", show=False),
     ]
@@ -83,7 +84,7 @@ class KeyboardApp(App):
         self.shown_for: str | None = None  # the text the shown suggestions were made for
         self.latencies: list[float] = []  # every shown prediction's model time, for the session summary
         self._asked: tuple[str, str | None] | None = None
-        self._own_edit: str | None = None  # the text an acceptance produced: that change is not a keystroke
+        self._own_edits = 0  # acceptances whose text change is still to arrive: those are not keystrokes
 
     def compose(self) -> ComposeResult:
         options = [("global model", GLOBAL)] + [
@@ -110,6 +111,11 @@ class KeyboardApp(App):
         """The current line up to the cursor: the message being typed."""
         row, col = self.text_area.cursor_location
         return self.text_area.document.get_line(row)[:col]
+
+    def after_cursor(self) -> str:
+        """The rest of the current line."""
+        row, col = self.text_area.cursor_location
+        return self.text_area.document.get_line(row)[col:]
 
     # asking the model
 
@@ -145,8 +151,8 @@ class KeyboardApp(App):
     # typing and taking words
 
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
-        if self._own_edit is not None and event.text_area.text == self._own_edit:
-            self._own_edit = None
+        if self._own_edits:  # each edit posts exactly one Changed, in order
+            self._own_edits -= 1
         else:
             self.typing = self.typing.typed()
         self.request()
@@ -159,10 +165,10 @@ class KeyboardApp(App):
         if slot >= len(self.suggestions):
             return
         ta = self.text_area
-        acc = accept(self.before_cursor(), self.suggestions[slot])
+        acc = accept(self.before_cursor(), self.suggestions[slot], self.after_cursor())
         row, col = ta.cursor_location
-        ta.replace(acc.insert, (row, col - acc.replace_chars), (row, col), maintain_selection_offset=False)
-        self._own_edit = ta.text
+        self._own_edits += 1
+        ta.replace(acc.insert, (row, col - acc.before), (row, col + acc.after), maintain_selection_offset=False)
         self.typing = self.typing.accept(acc)
         ta.focus()
 

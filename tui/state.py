@@ -31,21 +31,28 @@ def match_case(partial: str, word: str) -> str:
 
 @dataclass(frozen=True)
 class Acceptance:
-    """How accepting a word changes the line: replace `replace_chars` before the cursor by `insert`."""
+    """How accepting a word changes the line: `before` characters before the cursor and `after` after it
+    become `insert`, and the cursor ends after it."""
 
-    replace_chars: int
+    before: int
     insert: str
+    after: int = 0
 
     @property
     def typed_for_you(self) -> int:
         """Characters the suggestion added beyond what was already typed."""
-        return max(0, len(self.insert) - self.replace_chars)
+        return max(0, len(self.insert) - self.before - self.after)
 
 
-def accept(before_cursor: str, word: str) -> Acceptance:
-    """Replace the partial word before the cursor with `word` (in the case it was typed) and a space."""
+def accept(before_cursor: str, word: str, after_cursor: str = "") -> Acceptance:
+    """Replace the word at the cursor with `word` (in the case it was typed) followed by one space.
+
+    With the cursor inside a word the whole word is replaced, and a space already following it is
+    reused rather than doubled, so the cursor lands where the next word starts.
+    """
     partial = partial_word(before_cursor)
-    return Acceptance(len(partial), match_case(partial, word) + " ")
+    rest = re.match(r"\w*(?:'\w+)* ?", after_cursor).group()
+    return Acceptance(len(partial), match_case(partial, word) + " ", len(rest))
 
 
 @dataclass(frozen=True)
