@@ -36,7 +36,7 @@ from keyboard.train import train_central
 from tests.conftest import PHRASES
 from tui.app import KeyboardApp
 from tui.suggester import Suggester
-from tui.widgets import StatusLine, SuggestionBar, SuggestionSlot
+from tui.widgets import CompareLine, StatusLine, SuggestionSlot
 
 GB_USER, US_USER = "gb0c0ffee-1111", "us0decaf-2222"
 BRITISH = ["i like the colour blue", "what is your favourite colour"]
@@ -185,16 +185,19 @@ def test_clicking_a_suggestion_accepts_it(engine):
     asyncio.run(go())
 
 
-def test_gb_profile_completes_colo_as_colour(engine):
+def test_gb_profile_completes_colo_as_colour(engine, bundle):
     async def go():
-        app = KeyboardApp(engine)
+        app = KeyboardApp(engine, reference=load_bundle(bundle))
         async with app.run_test(size=(80, 24)) as pilot:
             await type_text(pilot, "i like the colo")
             assert bar_words(app)[0] == "color"
+            assert str(app.query_one(CompareLine).render()).startswith("global model; F4 switches")
             await pilot.press("f4")  # profiles: global, then GB users, then US users
             await settle(pilot)
             assert engine.profile == GB_USER and app.shown_for == "i like the colo"
             assert bar_words(app)[0] == "colour"  # same text, the GB user's adapter
+            assert app.global_words[0] == "color" and app.suggester.reference.profile is None
+            assert str(app.query_one(CompareLine).render()).startswith("same text, global model: color · ")
             await pilot.press("f4")
             await settle(pilot)
             assert engine.profile == US_USER and bar_words(app)[0] == "color"
@@ -296,27 +299,23 @@ from argparse import Namespace
 from pathlib import Path
 
 from fedkey.commands import demo
-from keyboard.runtime import load_bundle
-from tui.app import KeyboardApp
 from tui.widgets import SuggestionSlot
 
 
 async def go():
-    bundle = demo.bundle_dir(Namespace(bundle=Path(sys.argv[1]), run_dir=None))
-    app = KeyboardApp(load_bundle(bundle))
+    app = demo.make_app(Namespace(bundle=Path(sys.argv[1]), run_dir=None, user=None, fp32=False))
     async with app.run_test(size=(80, 24)) as pilot:
-        words = []
         for key in [*"i like the colo", "f4"]:
             await pilot.press("space" if key == " " else key)
         for _ in range(3):
             await pilot.pause()
             await app.workers.wait_for_complete()
         await pilot.pause()
-        return [s.word for s in app.query(SuggestionSlot)], app.engine.profile
+        return [s.word for s in app.query(SuggestionSlot)], app.engine.profile, app.global_words
 
 
-words, profile = asyncio.run(go())
-print(json.dumps({"words": words, "profile": profile,
+words, profile, global_words = asyncio.run(go())
+print(json.dumps({"words": words, "profile": profile, "global_words": global_words,
                   "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}))
 """
 
@@ -327,8 +326,8 @@ def test_demo_runs_without_torch(bundle):
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out == {"words": out["words"], "profile": GB_USER, "torch": []}
-    assert out["words"][0] == "colour"
+    assert out == {"words": out["words"], "global_words": out["global_words"], "profile": GB_USER, "torch": []}
+    assert out["words"][0] == "colour" and out["global_words"][0] == "color"
 
 
 def test_no_bundle_says_how_to_make_one(tmp_path, capsys):
@@ -359,7 +358,7 @@ def test_session_summary(engine):
 
 
 SNAPSHOT = """\
- fedkey on-device keyboard · profile: global model                    ▼
+ fedkey on-device keyboard · profile: GB user gb0c0ffe                ▼
 ▊▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▔▎
 ▊ i like the colo                                                              ▎
 ▊                                                                              ▎
@@ -376,22 +375,24 @@ SNAPSHOT = """\
 ▊                                                                              ▎
 ▊                                                                              ▎
 ▊                                                                              ▎
-▊                                                                              ▎
 ▊▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▎
 ╭─ F1 / Tab ─────────────╮╭─ F2 ────────────────────╮╭─ F3 ────────────────────╮
-│         color          ││         colour          ││         coloro          │
+│         colour         ││          color          ││         colouro         │
 ╰────────────────────────╯╰─────────────────────────╯╰─────────────────────────╯
+ same text, global model: color · colour · coloro
  latency ?.? ms/key │ int8 ONNX 0.02 MB │ saved 0/15 keys (0%)
  Tab/F1-F3/click: take a word │ F4: next profile │ Enter: new line │ Esc: quit
 """
 
 
-def test_screen_at_80x24(engine):
-    """The whole screen after typing, as text (latency digits masked: they are measured, not fixed)."""
+def test_screen_at_80x24(engine, bundle):
+    """The whole screen under the GB profile, as text (latency digits masked: they are measured, not fixed)."""
     async def go():
-        app = KeyboardApp(engine)
+        app = KeyboardApp(engine, reference=load_bundle(bundle))
         async with app.run_test(size=(80, 24)) as pilot:
             await type_text(pilot, "i like the colo")
+            await pilot.press("f4")
+            await settle(pilot)
             return screen_text(app)
     text = re.sub(r"latency +\d+\.\d", "latency ?.?", asyncio.run(go()))
     text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"

@@ -19,7 +19,7 @@ from textual.widgets import Label, Select, Static, TextArea
 from fedkey.errors import FedkeyError
 from tui.state import Typing, accept
 from tui.suggester import Engine, Prediction, Suggester
-from tui.widgets import StatusLine, SuggestionBar
+from tui.widgets import CompareLine, StatusLine, SuggestionBar
 
 GLOBAL = ""  # the profile selector's value for the global model (the engine's None)
 HELP = "Tab/F1-F3/click: take a word │ F4: next profile │ Enter: new line │ Esc: quit"
@@ -58,6 +58,7 @@ class KeyboardApp(App):
     ]
 
     suggestions: reactive[tuple[str, ...]] = reactive(tuple)
+    global_words: reactive[tuple[str, ...] | None] = reactive(None)
     latency_ms: reactive[float | None] = reactive(None)
     typing: reactive[Typing] = reactive(Typing)
     profile: reactive[str | None] = reactive(None, init=False)
@@ -76,10 +77,11 @@ class KeyboardApp(App):
             super().__init__()
             self.error = error
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, reference: Engine | None = None) -> None:
+        """`reference`: a second engine on the global model; with it a user's profile also shows the global words."""
         super().__init__()
         self.engine = engine
-        self.suggester = Suggester(engine)
+        self.suggester = Suggester(engine, reference)
         self.set_reactive(KeyboardApp.profile, engine.profile)
         self.shown_for: str | None = None  # the text the shown suggestions were made for
         self.latencies: list[float] = []  # every shown prediction's model time, for the session summary
@@ -95,6 +97,8 @@ class KeyboardApp(App):
             yield Select(options, value=self.profile or GLOBAL, allow_blank=False, compact=True, id="profile")
         yield TextArea(id="text", soft_wrap=True, placeholder="Type here; suggestions appear below.")
         yield SuggestionBar().data_bind(words=KeyboardApp.suggestions)
+        if self.suggester.reference is not None:
+            yield CompareLine().data_bind(KeyboardApp.global_words)
         yield StatusLine().data_bind(KeyboardApp.latency_ms, KeyboardApp.typing)
         yield Static(HELP, id="help")
 
@@ -142,6 +146,7 @@ class KeyboardApp(App):
         if not self.suggester.is_current(p.ticket):
             return  # a newer keystroke's answer is on its way
         self.suggestions, self.latency_ms, self.shown_for = p.words, p.latency_ms, p.text
+        self.global_words = p.global_words
         self.latencies.append(p.latency_ms)
 
     def on_keyboard_app_failed(self, message: Failed) -> None:

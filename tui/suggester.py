@@ -41,6 +41,7 @@ class Prediction:
     profile: str | None
     words: tuple[str, ...]
     latency_ms: float
+    global_words: tuple[str, ...] | None = None  # the global model's words for the same text, beside a user's
 
 
 class Suggester:
@@ -52,8 +53,9 @@ class Suggester:
     not thread-safe; the lock makes the workers take turns.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, reference: Engine | None = None) -> None:
         self.engine = engine
+        self.reference = reference  # a second engine kept on the global model, to show what personalization changed
         self._lock = threading.Lock()
         self._latest = 0
 
@@ -74,4 +76,8 @@ class Suggester:
             if self.engine.profile != profile:
                 self.engine.set_profile(profile)
             words = tuple(s.word for s in self.engine.suggest(text, SLOTS))
-            return Prediction(ticket, text, profile, words, self.engine.last_latency_ms)
+            latency = self.engine.last_latency_ms
+            if profile is None or self.reference is None:
+                return Prediction(ticket, text, profile, words, latency)
+            return Prediction(ticket, text, profile, words, latency,
+                              tuple(s.word for s in self.reference.suggest(text, SLOTS)))

@@ -70,6 +70,21 @@ class SuggestionBar(Horizontal):
             slot.word = words[i] if i < len(words) else ""
 
 
+class CompareLine(Static):
+    """Under a user's profile, what the global model suggests for the same text."""
+
+    DEFAULT_CSS = """
+    CompareLine { height: 1; padding: 0 1; color: $text-muted; }
+    """
+
+    global_words: reactive[tuple[str, ...] | None] = reactive(None)
+
+    def render(self) -> str:
+        if self.global_words is None:
+            return "global model; F4 switches to a user's personalized profile"
+        return "same text, global model: " + " · ".join(self.global_words)
+
+
 class StatusLine(Static):
     """Per-keystroke latency, the model in use and the keystrokes saved so far."""
 

@@ -29,14 +29,23 @@ def bundle_dir(args: argparse.Namespace) -> Path:
     return bundle
 
 
-def run(args: argparse.Namespace) -> None:
-    """Open the bundle (no torch on this path) and run the app until Ctrl+Q or Escape."""
-    from fedkey.io import write_json
+def make_app(args: argparse.Namespace):
+    """The app over the bundle's int8 model (no torch on this path), starting on --user's profile."""
     from keyboard.runtime import load_bundle
     from tui.app import KeyboardApp
 
-    engine = load_bundle(bundle_dir(args), user=args.user, int8=not args.fp32)
-    app = KeyboardApp(engine)
+    bundle = bundle_dir(args)
+    engine = load_bundle(bundle, user=args.user, int8=not args.fp32)
+    # with users' profiles shipped, a second engine stays on the global model to show what each adapter changes
+    reference = load_bundle(bundle, int8=not args.fp32) if engine.profiles() else None
+    return KeyboardApp(engine, reference)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the app until Ctrl+Q or Escape; --json gets the session's figures."""
+    from fedkey.io import write_json
+
+    app = make_app(args)
     app.run()
     if args.json:
         write_json(args.json, app.summary())
