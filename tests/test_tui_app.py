@@ -12,6 +12,7 @@ import io
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -159,7 +160,8 @@ def test_enter_starts_a_new_message_and_words_are_replaced_at_the_cursor(engine)
             await type_text(pilot, "i like the colo")
             await pilot.press("enter")
             await settle(pilot)
-            assert app.shown_for == "" and bar_words(app) == [s.word for s in load_bundle(engine.bundle.dir).suggest("")]
+            fresh = load_bundle(engine.bundle.dir)
+            assert app.shown_for == "" and bar_words(app) == [s.word for s in fresh.suggest("")]
             await type_text(pilot, "i like the cr blue")
             await pilot.press(*["left"] * len("r blue"))  # the cursor after "c", inside the word "cr"
             await settle(pilot)
@@ -222,6 +224,23 @@ def test_starting_profile_and_profile_selector(bundle):
             assert app.engine.profile is None and bar_words(app)[0] == "color"
             assert app.focused is app.text_area
     asyncio.run(go())
+
+
+def test_a_broken_adapter_is_reported_and_the_global_model_stays(bundle, tmp_path):
+    broken = tmp_path / "export"
+    shutil.copytree(bundle, broken)
+    (broken / "adapters" / f"{GB_USER}.npz").write_bytes(b"not an adapter")
+
+    async def go():
+        app = KeyboardApp(load_bundle(broken))
+        async with app.run_test(size=(80, 24), notifications=True) as pilot:
+            await type_text(pilot, "i like the colo")
+            await pilot.press("f4")
+            await settle(pilot)
+            return app.engine.profile, app.query_one("#profile").value, bar_words(app), screen_text(app)
+    profile, selected, words, screen = asyncio.run(go())
+    assert profile is None and selected == "" and words[0] == "color"
+    assert "does not match the manifest" in " ".join(screen.split())  # the runtime's one-line error, as a toast
 
 
 def test_stale_answers_are_dropped(engine):
