@@ -90,6 +90,7 @@ def central_stage(run_dir: Path, mcfg: C.ModelConfig, ccfg: C.CentralConfig, res
     C.save(out / "config.toml", mcfg, ccfg)
     torch.manual_seed(ccfg.seed)
     model = KeyboardLM(tok.vocab_size, mcfg)
+    model.init_output_bias(encode_split(shards, tok, "public_train", ccfg.max_len))
     seqs = encode_split(shards, tok, "train", ccfg.max_len)
     if not seqs:
         raise FedkeyError(f"{run_dir / DATA}: the train split is empty; prepare with more users or a lower --min-words")

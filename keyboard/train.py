@@ -68,11 +68,11 @@ def train_central(
                                 "loss_ema": loss_ema, "config": to_dict(cfg)})
 
     def lr_at(tokens: int) -> float:
-        # short linear warm-up, then cosine decay to 10% over the token budget: a decayed rate
+        # short linear warm-up, then cosine decay to 2% over the token budget: a decayed rate
         # is worth a large share of a short run's final loss
         frac = min(1.0, tokens / max(1, cfg.max_tokens))
         warm = min(1.0, tokens / max(1, cfg.warmup_tokens)) if cfg.warmup_tokens else 1.0
-        return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return cfg.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     model.train()
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
