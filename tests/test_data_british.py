@@ -1,6 +1,5 @@
 """American -> British conversion: the pair list and the edge cases of chat text."""
 
-import time
 
 import pytest
 from breame.data.spelling_constants import AMERICAN_ENGLISH_SPELLINGS
@@ -70,12 +69,3 @@ def test_pairs_are_lowercase_breame_minus_exclusions():
     assert len(REGIONAL_PAIRS) == len(AMERICAN_ENGLISH_SPELLINGS) - len(EXCLUDED_PAIRS)
     assert all(k == k.lower() and v == v.lower() for k, v in REGIONAL_PAIRS.items())
     assert REGIONAL_PAIRS["favorite"] == "favourite"
-
-
-def test_fast_enough():
-    msgs = ["hey what's your favorite color? mine is gray, I realize it's odd lol"] * 25_000
-    msgs += ["nothing to convert in this ordinary message about the weather today"] * 25_000
-    t = time.perf_counter()
-    out = [to_british(m) for m in msgs]
-    assert time.perf_counter() - t < 3.0
-    assert out[0] == "hey what's your favourite colour? mine is grey, I realise it's odd lol"
