@@ -141,6 +141,9 @@ class Federation:
     def _env(self) -> dict[str, str]:
         env = {**os.environ, **self.env, "FLWR_HOME": str(self.home), "FLWR_DISABLE_UPDATE_CHECK": "1",
                "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        # Flower's processes start their helpers (flower-superexec, flwr-clientapp...) from PATH: make it
+        # this environment's, so the harness works from a venv that was never activated
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         return env
 
     def _popen(self, cmd: list[str], log_name: str) -> subprocess.Popen:
