@@ -35,12 +35,14 @@ def recent_text(text: str, window: int = WINDOW_CHARS) -> str:
 
 
 class WordCachePredictor(Predictor):
-    """The Predictor with what a keyboard engine adds: while one word is typed, earlier searches are reused.
+    """The Predictor plus what a keyboard engine adds: while one word is typed, earlier searches are reused.
 
-    A search for the typed prefix completes many words, not only the k it shows. The next keystroke
-    only narrows the prefix, so when at least k of those words still match, they are the answer
-    without a new search; otherwise it searches (and its words serve the following keystrokes).
-    The context's piece ids are also kept while only the partial word changes.
+    The search drops a prefix only when it cannot beat the k-th best complete word T, so every word
+    scoring at least T was found: those words are certain. A typed character only narrows the prefix,
+    so if at least k certain words still match it, they are exactly what a new search would return
+    (up to the search's own beam cap); otherwise it searches again. Calling again with the same text
+    (a redraw) and backspacing within the word also reuse the searches made for that word.
+    The context's piece ids are kept while only the partial word changes.
     """
 
     def __init__(self, *args, reuse_words: bool = True, **kwargs) -> None:
@@ -49,11 +51,11 @@ class WordCachePredictor(Predictor):
         self.searches = self.reused = 0
         self._context: tuple[str, bool] | None = None
         self._ids: list[int] = []
-        self._found: dict[str, tuple[int, list[tuple[str, float]]]] = {}  # partial -> (k, completed words)
+        self._certain: dict[str, tuple[int, list[tuple[str, float]]]] = {}  # partial -> (k, words >= T, best first)
 
     def _reusable(self, partial: str, k: int) -> list[tuple[str, float]] | None:
         for n in range(len(partial), -1, -1):  # the most specific earlier search for this word
-            prior = self._found.get(partial[:n])
+            prior = self._certain.get(partial[:n])
             if prior is not None and prior[0] >= k:
                 words = [ws for ws in prior[1] if ws[0].startswith(partial)]
                 return words[:k] if len(words) >= k else None
@@ -63,7 +65,7 @@ class WordCachePredictor(Predictor):
         """Top-k whole words for the text typed so far (which may end mid-word)."""
         context, partial, space = split_typed(text)
         if (context, space) != self._context:
-            self._context, self._found = (context, space), {}
+            self._context, self._certain = (context, space), {}
             self._ids = self.encode(context) if context.strip() else []
         found = self._reusable(partial, k) if self.reuse_words else None
         if found is None:
@@ -71,7 +73,10 @@ class WordCachePredictor(Predictor):
             completed: list[dict[str, float]] = []
             found = search_words(self.backend, self.table, logp, h, c, [partial], [space], k=k,
                                  beam=max(self.beam, k), max_pieces=self.max_pieces, completed=completed)[0]
-            self._found[partial] = (k, sorted(completed[0].items(), key=lambda kv: -kv[1]))
+            if len(found) >= k:
+                cut = found[k - 1][1]
+                self._certain[partial] = (k, sorted(((w, v) for w, v in completed[0].items() if v >= cut),
+                                                    key=lambda kv: -kv[1]))
             self.searches += 1
         else:
             self.reused += 1
@@ -156,6 +161,9 @@ def load_bundle(bundle_dir: str | Path, user: str | None = None, int8: bool = Tr
     name = INT8 if int8 else FP32
     model = bundle.read(name)
     tok = Tokenizer(bundle.read(TOKENIZER), str(bundle.dir / TOKENIZER))
+    if tok.sha256 != bundle.manifest.get("tokenizer_sha256"):
+        raise FedkeyError(f"{bundle.dir / TOKENIZER}: a tokenizer from another model (the manifest names "
+                          f"{str(bundle.manifest.get('tokenizer_sha256'))[:12]}); re-run `fedkey export`")
     backend = OnnxBackend(make_session(model, threads, str(bundle.dir / name)))
     man = bundle.manifest
     if (backend.vocab_size, backend.embed_dim, backend.hidden) != (man["vocab_size"], man["embed_dim"], man["hidden"]) \

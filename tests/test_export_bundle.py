@@ -21,15 +21,15 @@ from keyboard.onnx_backend import OnnxBackend, make_session
 from keyboard.torch_backend import TorchBackend
 from tests.conftest import tiny_texts
 
-FAVOURITE_USER = "gb_fan"
+BRITISH_USER = "gb_fan"
 
 
-def favourite_adapter(model, tok, base_id: str, user: str = FAVOURITE_USER, scale: float = 8.0) -> AdapterArrays:
-    """A hand-made adapter whose user bias strongly prefers the British piece(s) of "favourite"."""
+def british_adapter(model, tok, base_id: str, user: str = BRITISH_USER, scale: float = 16.0) -> AdapterArrays:
+    """A hand-made adapter whose user bias prefers the British "colour" (one piece) over "color"."""
     d, V = model.cfg.embed_dim, model.vocab_size
     rng = np.random.default_rng(0)
     bias = np.zeros(V, np.float32)
-    bias[tok.encode("favourite")[0]] = scale
+    bias[tok.encode("colour")[0]] = scale
     return AdapterArrays(A=rng.normal(0, 0.1, (d, 4)).astype(np.float32), B=rng.normal(0, 0.1, (4, d)).astype(np.float32),
                          user_bias=bias, base_id=base_id, user=user, meta={"region": "GB"})
 
@@ -40,9 +40,9 @@ def make_bundle(tmp_path, model, tok, with_adapter: bool = True, **kw):
     save_model(model_dir, model, tok)
     adapters = {}
     if with_adapter:
-        path = tmp_path / "personal" / f"{FAVOURITE_USER}.npz"
-        save_adapter(path, favourite_adapter(model, tok, file_hash(model_dir / "model.pt")))
-        adapters = {FAVOURITE_USER: (path, "GB")}
+        path = tmp_path / "personal" / f"{BRITISH_USER}.npz"
+        save_adapter(path, british_adapter(model, tok, file_hash(model_dir / "model.pt")))
+        adapters = {BRITISH_USER: (path, "GB")}
     out = tmp_path / "bundle"
     man = build_bundle(model_dir, out, adapters, **kw)
     return out, man
@@ -57,9 +57,9 @@ def test_bundle_round_trip(bundle, tiny_model, tiny_tok):
     out, man = bundle
     on_disk = json.loads((out / MANIFEST).read_text())
     assert on_disk["files"] == man["files"]
-    for name in (FP32, INT8, TOKENIZER, PROFILES, adapter_name(FAVOURITE_USER)):
+    for name in (FP32, INT8, TOKENIZER, PROFILES, adapter_name(BRITISH_USER)):
         assert sha256_bytes((out / name).read_bytes()) == man["files"][name]["sha256"], name
-    assert json.loads((out / PROFILES).read_text()) == {FAVOURITE_USER: "GB"}
+    assert json.loads((out / PROFILES).read_text()) == {BRITISH_USER: "GB"}
     assert man["base_id"] == file_hash(out.parent / "model" / "model.pt")
     assert man["tokenizer_sha256"] == tiny_tok.sha256
     assert (man["vocab_size"], man["embed_dim"], man["hidden"]) == (tiny_tok.vocab_size, 16, 48)
@@ -124,7 +124,7 @@ def test_adapter_for_another_model_is_refused(tmp_path, tiny_model, tiny_tok):
     model_dir = tmp_path / "model"
     save_model(model_dir, tiny_model, tiny_tok)
     path = tmp_path / "other.npz"
-    save_adapter(path, favourite_adapter(tiny_model, tiny_tok, base_id="f" * 64, user="other"))
+    save_adapter(path, british_adapter(tiny_model, tiny_tok, base_id="f" * 64, user="other"))
     with pytest.raises(FedkeyError, match="trained on base model ffffffffffff"):
         build_bundle(model_dir, tmp_path / "bundle", {"other": (path, "US")})
     assert not (tmp_path / "bundle" / MANIFEST).exists()  # refused before anything was written

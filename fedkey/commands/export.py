@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
         man["parity"] = parity
         write_json(out / MANIFEST, man)  # hashes unchanged: the parity figures travel with the bundle
     elif args.parity_positions > 0:
-        console.print(f"[yellow]no prepared data in {run_dir / P.DATA}: parity not measured[/]")
+        console.print(f"[yellow]parity not measured: no prepared data in {run_dir / P.DATA}[/]")
     console.print(_table(res))
     if args.json:
         write_json(args.json, res)

@@ -1,0 +1,116 @@
+"""The on-device engine on the tiny model's bundle: same suggestions as torch, state reuse, profiles, no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedkey.errors import FedkeyError
+from keyboard.bundle import INT8
+from keyboard.predictor import Predictor
+from keyboard.runtime import load_bundle, recent_text
+from keyboard.torch_backend import TorchBackend
+from keyboard.words import PieceTable
+from tests.conftest import PHRASES, tiny_texts
+from tests.test_export_bundle import BRITISH_USER, make_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tiny_model, tiny_tok, tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("runtime"), tiny_model, tiny_tok)[0]
+
+
+def words(sugg) -> list[str]:
+    return [s.word for s in sugg]
+
+
+def test_fp32_engine_suggests_what_the_torch_predictor_does(bundle_dir, tiny_model, tiny_tok):
+    ref = Predictor(TorchBackend(tiny_model), PieceTable.from_tokenizer(tiny_tok), tiny_tok.encode)
+    exact = load_bundle(bundle_dir, int8=False, cache=False)
+    cached = load_bundle(bundle_dir, int8=False)
+    for text in ["", "how are ", "how are yo", "what is your favorite ", "see you tomorrow at the p", "the weather is n",
+                 "I like the Colo", "my favorite food is piz"]:
+        want = ref.suggest(text)
+        assert words(exact.suggest(text)) == words(want), text
+        assert words(cached.suggest(text)) == words(want), text
+        assert [s.prob for s in exact.suggest(text)] == pytest.approx([s.prob for s in want], rel=1e-3, abs=1e-6)
+
+
+def test_typing_keeps_state_and_equals_a_fresh_run(bundle_dir, tiny_tok):
+    text = "thank you so much for the help"
+    live = load_bundle(bundle_dir)
+    for i in range(len(text) + 1):
+        last = live.suggest(text[:i])
+    fresh = load_bundle(bundle_dir).suggest(text)
+    assert words(last) == words(fresh)
+    assert [s.prob for s in last] == pytest.approx([s.prob for s in fresh], rel=1e-4)
+
+    p = load_bundle(bundle_dir)
+    p.suggest("thank you so much for the ")
+    before = p.steps_run
+    p.suggest("thank you so much for the h")
+    p.suggest("thank you so much for the he")
+    assert p.steps_run == before  # mid-word keystrokes never re-run the message
+    p.suggest("thank you so much for the help ")
+    assert p.steps_run - before == len(tiny_tok.encode("help"))  # a finished word costs its own pieces only
+
+
+def test_word_cache_agrees_with_searching_every_keystroke(bundle_dir):
+    cached, exact = load_bundle(bundle_dir), load_bundle(bundle_dir, cache=False)
+    same = top1 = n = 0
+    for msg in tiny_texts(30, seed=5):
+        for i in range(len(msg) + 1):
+            a, b = words(cached.suggest(msg[:i])), words(exact.suggest(msg[:i]))
+            same += a == b
+            top1 += a[:1] == b[:1]
+            n += 1
+    assert top1 == n and same >= 0.97 * n
+    assert cached.predictor.reused > 0.1 * n  # the cache did serve keystrokes
+    assert cached.backend.steps < exact.backend.steps
+
+
+def test_profiles_switch_adapters(bundle_dir):
+    p = load_bundle(bundle_dir)
+    assert p.profiles() == [(BRITISH_USER, "GB")] and p.profile is None
+    assert p.model_name == INT8 and p.model_bytes == (bundle_dir / INT8).stat().st_size
+    glob = words(p.suggest("i like the "))
+    assert glob[0] == "color" and "colour" not in glob
+    assert p.last_latency_ms > 0
+    p.set_profile(BRITISH_USER)  # its user bias favours the British spelling
+    mine = words(p.suggest("i like the "))
+    assert p.profile == BRITISH_USER and "colour" in mine and mine[0] != "color"
+    p.set_profile(None)
+    assert p.profile is None and words(p.suggest("i like the ")) == glob
+    assert words(load_bundle(bundle_dir, user=BRITISH_USER).suggest("i like the ")) == mine
+    with pytest.raises(FedkeyError, match="no adapter"):
+        p.set_profile("nobody")
+
+
+def test_runtime_imports_and_runs_without_torch(bundle_dir):
+    script = f"""
+import json, sys
+sys.modules["torch"] = None  # any `import torch` now fails
+from keyboard.runtime import load_bundle
+p = load_bundle({str(bundle_dir)!r}, user={BRITISH_USER!r})
+out = [s.word for s in p.suggest("i like the ")]
+p.set_profile(None)
+out += [s.word for s in p.suggest("how are yo")]
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "datasets", "fedkey.pipeline") and sys.modules[m])
+print(json.dumps({{"words": out, "heavy": heavy}}))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == []
+    assert "colour" in got["words"][:3] and got["words"][3] == "you"
+
+
+def test_recent_text_window_is_stable():
+    long = " ".join(PHRASES * 40)
+    cut = recent_text(long)
+    assert long.endswith(cut) and 256 <= len(cut) <= 512 and cut[0] != " "
+    assert recent_text(long + "abc").startswith(cut[:100])  # typing on does not move the window
+    assert recent_text("short text") == "short text"
