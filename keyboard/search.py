@@ -95,8 +95,11 @@ def search_words(
         if len(order) == 0:
             break
         qs = q_arr[order]
-        first = np.r_[0, np.flatnonzero(np.diff(qs)) + 1]
-        rank = np.arange(len(qs)) - np.repeat(first, np.diff(np.r_[first, len(qs)]))
+        if qs[0] == qs[-1]:  # one query (every keystroke on a device): the rank is the position
+            rank = np.arange(len(qs))
+        else:
+            first = np.r_[0, np.flatnonzero(np.diff(qs)) + 1]
+            rank = np.arange(len(qs)) - np.repeat(first, np.diff(np.r_[first, len(qs)]))
         order = order[rank < beam]
         rank = rank[rank < beam]
         go, wait = order[rank < wave], order[rank >= wave]

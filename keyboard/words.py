@@ -50,9 +50,10 @@ class PieceTable:
         self.boundary = np.flatnonzero(boundary)
         self.nonboundary = np.flatnonzero(~boundary)
         self._by_surface: dict[tuple[bool, str], list[int]] = {}
-        for i, (sp, s) in enumerate(zip(self.space, self.surface)):
-            self._by_surface.setdefault((bool(sp), s), []).append(i)
-        self._sorted = {flag: sorted((s, i) for i, (sp, s) in enumerate(zip(self.space, self.surface)) if sp == flag)
+        space = self.space.tolist()  # Python bools: comparing NumPy scalars per piece made loading slow
+        for i, (sp, s) in enumerate(zip(space, self.surface)):
+            self._by_surface.setdefault((sp, s), []).append(i)
+        self._sorted = {flag: sorted((s, i) for i, (sp, s) in enumerate(zip(space, self.surface)) if sp == flag)
                         for flag in (True, False)}
         self._sorted_keys = {flag: [s for s, _ in v] for flag, v in self._sorted.items()}
         self._allowed = {"start_space": set(self.start_space.tolist()),
