@@ -58,3 +58,17 @@ def test_a_non_positive_weight_is_rejected_too():
 def test_a_round_where_everything_is_rejected_is_a_clear_error():
     with pytest.raises(FedkeyError, match="every update was rejected.*non-finite"):
         PrivateAggregator(PrivacyConfig(robust=True), D).aggregate([BAD["nan"](), BAD["inf"]()], [1.0, 1.0])
+
+
+def test_a_client_that_skips_the_clamp_under_secure_aggregation_is_caught_at_the_sum():
+    from fl_core.privacy.robust import sum_out_of_range
+    from fl_core.privacy.secagg import FixedPoint, secure_sum
+
+    good = _good(6)
+    fp = FixedPoint(0.05, 6)
+    enc = [fp.encode(v)[0] for v in good]
+    honest = fp.decode(secure_sum(enc).total)
+    assert sum_out_of_range(honest, 6, max(np.linalg.norm(v) for v in good) + 1e-6) is None
+    enc[2] = enc[2] + np.uint32(1 << 30)  # a hand-made ring vector: far outside what encode() ever emits
+    forged = fp.decode(secure_sum(enc).total)
+    assert "broke the clamp" in sum_out_of_range(forged, 6, max(np.linalg.norm(v) for v in good) + 1e-6)

@@ -30,8 +30,8 @@ from fedkey.errors import FedkeyError
 from fl_core.privacy.accounting import PrivacyAccountant, Sampling
 from fl_core.privacy.config import PrivacyConfig
 from fl_core.privacy.dp import AdaptiveClip, clip_updates, gaussian, update_noise_multiplier
-from fl_core.privacy.robust import screen
-from fl_core.privacy.secagg import FixedPoint, secure_sum, threshold_for
+from fl_core.privacy.robust import screen, sum_out_of_range
+from fl_core.privacy.secagg import FixedPoint, SecAggError, secure_sum, threshold_for
 
 log = logging.getLogger("fedkey.privacy")
 
@@ -155,11 +155,20 @@ class PrivateAggregator:
         encoded += [np.zeros(self.dim + 2, fp.dtype)] * n_dropped  # dropped clients' inputs are never sent
         rep = secure_sum(encoded, cfg.secagg_dropout, drop_after_shares=range(len(w), n))
         s = fp.decode(rep.total)
+        if cfg.robust:  # the server cannot screen masked inputs one by one; it can check the sum's range
+            norm_bound = (self.clip if cfg.dp else cfg.max_norm or bound * np.sqrt(self.dim)) + \
+                2 * client_noise * np.sqrt(self.dim)
+            why = (sum_out_of_range(s[:self.dim], len(w), norm_bound, len(w) * fp.step * np.sqrt(self.dim))
+                   or sum_out_of_range(s[self.dim:], len(w), np.sqrt(2) * (1 + 6 * count_noise)))
+            if why:
+                raise SecAggError(f"secure aggregation: round discarded, {why}")
         if clamped:
             log.warning("secure aggregation clamped %d coordinates to +-%.3g", clamped, bound)
         info.update(secagg_clients=n, secagg_threshold=rep.threshold, secagg_step=fp.step, secagg_clamped=clamped,
-                    secagg_encode_s=encode_s, secagg_client_s=sum(rep.client_s), secagg_server_s=rep.server_s,
-                    secagg_up_bytes=rep.server_in_bytes, secagg_down_bytes=rep.server_out_bytes)
+                    secagg_encode_s=encode_s, secagg_client_s=sum(rep.client_s), secagg_client_s_max=max(rep.client_s),
+                    secagg_server_s=rep.server_s, secagg_phase_s=rep.phase_s, secagg_up_bytes=rep.server_in_bytes,
+                    secagg_down_bytes=rep.server_out_bytes, secagg_client_up_bytes=max(rep.client_up_bytes),
+                    secagg_client_down_bytes=max(rep.client_down_bytes))
         return s[:self.dim] * scale_w, float(s[self.dim] * scale_w), float(s[self.dim + 1])
 
     def state_dict(self) -> dict[str, Any]:

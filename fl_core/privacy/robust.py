@@ -59,3 +59,17 @@ def screen(updates: Sequence[object], weights: Sequence[float], dim: int, max_no
             log.warning("rejected update from client %s: %s", ids[i] if ids else i, why)
     stacked = np.stack([updates[i] for i in kept]) if kept else np.zeros((0, dim), np.float32)
     return Screened(stacked, np.asarray([weights[i] for i in kept], dtype=np.float64), kept, rejected)
+
+
+def sum_out_of_range(total: np.ndarray, n_clients: int, norm_bound: float, tol: float = 0.0) -> str | None:
+    """Why an unmasked secure sum cannot have come from n well-formed inputs, or None.
+
+    Under secure aggregation the server cannot screen single updates; what it can check is
+    that the sum respects the bound every honest input obeys (triangle inequality), which
+    catches a client that skipped the clamp with a gross value. A value inside the bound can
+    still be malicious: stopping that needs zero-knowledge range proofs (not built).
+    """
+    norm = float(np.linalg.norm(total))
+    if not np.isfinite(norm) or norm > n_clients * norm_bound + tol:
+        return f"sum norm {norm:.4g} exceeds {n_clients} x {norm_bound:.4g}: an input broke the clamp"
+    return None
