@@ -138,7 +138,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> N
         typ = f.type if not isinstance(f.type, str) else {"int": int, "float": float, "str": str, "bool": str}[f.type]
         flag = "--" + prefix + f.name.replace("_", "-")
         group.add_argument(flag, dest=prefix + f.name, type=typ, default=None,
-                           help=f"{f.metadata.get('help', '')} (default: {f.default})")
+                           help=f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%"))
 
 
 def from_args(cls: type[T], args: argparse.Namespace, prefix: str = "") -> T:

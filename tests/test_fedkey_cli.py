@@ -46,9 +46,10 @@ def test_every_subcommand_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"prepare", "train-central", "evaluate", "bench", "run"} <= set(sub.choices)
-    for name in sub.choices:
-        out = subprocess.run([sys.executable, "-m", "fedkey.cli", name, "--help"], capture_output=True, text=True)
-        assert out.returncode == 0 and "usage" in out.stdout.lower(), name
+    for name, p in sub.choices.items():
+        assert "usage" in p.format_help().lower(), name
+    out = subprocess.run([sys.executable, "-m", "fedkey.cli", "train-central", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--max-tokens" in out.stdout
 
 
 def test_cli_error_is_one_line_not_a_traceback(tmp_path, capsys):
@@ -59,8 +60,8 @@ def test_cli_error_is_one_line_not_a_traceback(tmp_path, capsys):
 
 
 def test_resume_continues_to_the_same_parameters(tiny_tok, tmp_path):
-    seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch(["how are you doing today", "i like the color blue"] * 40)]
-    cfg = C.CentralConfig(lr=1e-2, batch_size=8, max_tokens=3000, seed=3)
+    seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch(["how are you doing today", "i like the color blue"] * 20)]
+    cfg = C.CentralConfig(lr=1e-2, batch_size=8, max_tokens=1500, warmup_tokens=200, seed=3)
 
     def fresh() -> KeyboardLM:
         torch.manual_seed(0)
@@ -68,13 +69,14 @@ def test_resume_continues_to_the_same_parameters(tiny_tok, tmp_path):
 
     straight = fresh()
     train_central(straight, seqs, cfg, tmp_path / "a")
-    # interrupted half way (a smaller budget), then resumed with the full budget
-    first = fresh()
-    half = C.CentralConfig(**{**C.to_dict(cfg), "max_tokens": 1500})
-    train_central(first, seqs, half, tmp_path / "b")
-    st = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
-    st["config"] = C.to_dict(cfg)  # the interrupted run had the full config
-    torch.save(st, tmp_path / "b" / "train_state.pt")
+
+    def kill_half_way(p) -> None:
+        if p.tokens >= 700:
+            raise KeyboardInterrupt  # as a user's Ctrl+C or a kill between checkpoints
+
+    killed = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train_central(killed, seqs, cfg, tmp_path / "b", on_progress=kill_half_way, checkpoint_every_s=0)
     resumed = fresh()
     train_central(resumed, seqs, cfg, tmp_path / "b", resume=True)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
