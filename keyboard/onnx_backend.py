@@ -87,7 +87,17 @@ class StepCache:
     def __init__(self, backend, capacity: int = 128) -> None:
         self.backend, self.capacity = backend, capacity
         self._rows: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.ahead = 0
+        self._ahead: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def step_ahead(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
+        """Rows the search may expand next: computed in the next run that happens anyway, and stored.
+
+        A run's fixed cost (weights streamed through the cache, per-node overhead) is several times
+        the cost of one more row, so waiting prefixes ride along instead of costing a run of their own.
+        """
+        if self.capacity > 0:
+            self._ahead = (ids, h, c)
 
     def clear(self) -> None:
         """Forget every stored step (after the adapter changes)."""
@@ -109,14 +119,31 @@ class StepCache:
                 miss.append(j)
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
+        ahead, self._ahead = self._ahead, None
         out = None
         if miss:
             m = np.array(miss)
-            logp, h2, c2 = self.backend.step(np.asarray(ids)[m], np.asarray(h)[m], np.asarray(c)[m])
-            for r, j in enumerate(miss):  # copies: a view would keep the whole batch's output alive
-                rows[keys[j]] = (logp[r].copy(), h2[r].copy(), c2[r].copy())
+            run_ids, run_h, run_c = np.asarray(ids)[m], np.asarray(h)[m], np.asarray(c)[m]
+            extra: list[tuple] = []
+            if ahead is not None:
+                seen = {keys[j] for j in miss}
+                for i, hr, cr in zip(ahead[0].tolist(), ahead[1], ahead[2]):
+                    key = (i, hr.tobytes())
+                    if key not in rows and key not in seen:
+                        seen.add(key)
+                        extra.append((key, i, hr, cr))
+            if extra:
+                run_ids = np.concatenate([run_ids, np.array([e[1] for e in extra], dtype=np.int64)])
+                run_h = np.concatenate([run_h, np.stack([e[2] for e in extra])])
+                run_c = np.concatenate([run_c, np.stack([e[3] for e in extra])])
+                self.ahead += len(extra)
+            logp, h2, c2 = self.backend.step(run_ids, run_h, run_c)
+            for r, key in enumerate([keys[j] for j in miss] + [e[0] for e in extra]):
+                # copies: a view would keep the whole batch's output alive
+                rows[key] = (logp[r].copy(), h2[r].copy(), c2[r].copy())
             if len(miss) == len(keys):
-                out = (logp, h2, c2)
+                n = len(keys)
+                out = (logp[:n], h2[:n], c2[:n]) if extra else (logp, h2, c2)
         if out is None:
             got = [rows[key] for key in keys]
             out = (np.stack([g[0] for g in got]), np.stack([g[1] for g in got]), np.stack([g[2] for g in got]))

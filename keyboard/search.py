@@ -104,6 +104,8 @@ def search_words(
         rank = rank[rank < beam]
         go, wait = order[rank < wave], order[rank >= wave]
 
+        if len(wait) and hasattr(backend, "step_ahead"):  # a caching backend may run them in the same call
+            backend.step_ahead(piece[wait], H[wait], C[wait])
         logp, Hn, Cn = backend.step(piece[go], H[go], C[go])
         gq, gscore, gdepth = q_arr[go], score[go], depth[go]
         gsurf = [surf[i] for i in go]
