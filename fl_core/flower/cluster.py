@@ -114,6 +114,7 @@ class Federation:
     host: str = "127.0.0.1"
     startup_timeout_s: float = 90.0
     env: dict[str, str] = field(default_factory=dict)
+    spare_keys: int = 0  # extra SuperNode key pairs that are never registered (to show they are refused)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -144,6 +145,8 @@ class Federation:
         # Flower's processes start their helpers (flower-superexec, flwr-clientapp...) from PATH: make it
         # this environment's, so the harness works from a venv that was never activated
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        # SuperExec looks for new ServerApp/ClientApp work once a second by default; a round waits on it twice
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
         return env
 
     def _popen(self, cmd: list[str], log_name: str) -> subprocess.Popen:
@@ -160,7 +163,7 @@ class Federation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
         if self.tls:
-            self.creds = make_credentials(self.workdir / "certs", len(self.node_configs))
+            self.creds = make_credentials(self.workdir / "certs", len(self.node_configs) + self.spare_keys)
         self.port = free_port(self.host)
         self._write_connection()
         cmd = [_bin("flower-superlink"), "--host", self.host, "--port", str(self.port),
@@ -255,6 +258,13 @@ class Federation:
             self.supernodes.append(None)
         self.supernodes[i] = proc
         return proc
+
+    def start_unregistered_node(self, node_config: dict[str, Any]) -> subprocess.Popen:
+        """A SuperNode with a key the SuperLink never registered (node auth must refuse it)."""
+        assert self.creds and self.spare_keys, "needs TLS and spare_keys >= 1"
+        self.node_configs.append(node_config)
+        i = len(self.node_configs) - 1
+        return self.start_node(i, key_index=i)
 
     def kill_node(self, i: int) -> None:
         """Kill SuperNode i and everything it started, without warning (a device that vanished)."""
