@@ -6,8 +6,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedkey import config as C
 from fedkey.errors import FedkeyError
 from fedkey.io import read_json, write_json
@@ -76,6 +74,8 @@ def encode_split(shards, tok, split: str, max_len: int) -> list[list[int]]:
 def central_stage(run_dir: Path, mcfg: C.ModelConfig, ccfg: C.CentralConfig, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """Train the centralized baseline on all training users' train splits (skipped if already done)."""
+    import torch
+
     from keyboard.checkpoint import save_model
     from keyboard.model import KeyboardLM
     from keyboard.train import train_central
