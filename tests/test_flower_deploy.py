@@ -1,8 +1,8 @@
 """A real Flower deployment on loopback: SuperLink + 3 SuperNode processes with TLS and node authentication.
 
 One run of 4 rounds checks, in order:
-- parity: after round 2 the global parameters are bitwise those of fl_core's in-process engine
-  (same seed and settings; each client is trained alone in both engines, lanes=1, see docs/flower.md);
+- parity: after round 2 the global parameters are bitwise those `fedkey train --engine local` ends with
+  (same seed and settings; both engines train each client alone with fl_core's executor, see docs/flower.md);
 - a fault: the SuperNode holding most of round 3's users is killed when its round-3 message arrives;
   round 3 ends at the round timeout with the other nodes' users and says so, round 4 goes on without it;
 and, beside it, that a SuperNode whose key was never registered is refused.
@@ -24,14 +24,12 @@ import pytest
 import torch
 
 from fedkey import pipeline as P
-from fedkey.config import ModelConfig, PrepareConfig
+from fedkey.config import EvalConfig, ModelConfig, PrepareConfig
 from fl_core.config import FleetConfig, FLConfig
 from fl_core.flower.app_dir import write_app
 from fl_core.flower.cluster import Federation
-from fl_core.flower.job import Job, build_task
+from fl_core.flower.job import Job, build_simulation
 from fl_core.flower.partition import node_users
-from fl_core.flower.server_app import HISTORY
-from fl_core.simulation import Simulation
 
 PHRASES = ["how are you doing today", "i like the color blue", "what is your favorite color",
            "see you tomorrow at the park", "thank you so much for the help", "i am going to the store",
@@ -54,22 +52,24 @@ def make_run(run_dir: Path, n_users: int = 24, n_msgs: int = 12, seed: int = 0) 
 
 
 def tiny_job(run_dir: Path, out_dir: Path, rounds: int) -> Job:
-    """Seeded settings both engines share; lanes=1 and one thread make every float operation the same."""
+    """Seeded settings both engines share (the default executor: each client trained alone on one core)."""
     fl = FLConfig(seed=3, max_tokens=10**9, max_rounds=rounds, clients_per_round=5, batch_size=4, max_messages=8,
-                  max_len=16, lanes=1, threads=1, eval_every=0)
+                  max_len=16, eval_every=0)
     fleet = FleetConfig(availability=False, overselect=1.0, dropout=0.0)
     return Job(run_dir, out_dir, fl, fleet, ModelConfig(embed_dim=16, hidden=32), expect_nodes=NODES,
-               wait_nodes_s=120.0, round_timeout_s=TIMEOUT_S, straggler_factor=STRAGGLER, threads=1)
+               wait_nodes_s=120.0, round_timeout_s=TIMEOUT_S, straggler_factor=STRAGGLER)
 
 
-def in_process(job: Job, out_dir: Path) -> list[str]:
-    """sha256 of the global shared parameters after each round of fl_core's in-process engine."""
-    torch.set_num_threads(1)
-    built, init = build_task(job.run_dir, job.fl, job.model, init=True)
-    sim = Simulation(built.task, built.spec, built.task.shards.users("train"), init, job.fl, job.fleet, out_dir)
-    digests = []
-    sim.run(on_round=lambda _: digests.append(hashlib.sha256(sim.state.params.numpy().tobytes()).hexdigest()))
-    return digests
+def in_process(job: Job, run_dir: Path, out_name: str) -> str:
+    """sha256 of the global shared parameters `fedkey train --engine local` ends with (fedkey.fl_stage)."""
+    from fedkey.fl_stage import fl_stage
+    from keyboard.checkpoint import load_model
+
+    fl_stage(run_dir, job.model, job.fl, job.fleet, EvalConfig(), progress=False, out_name=out_name, final_eval=False)
+    model, _, _ = load_model(run_dir / out_name)
+    sim, _, _ = build_simulation(job)
+    shared = sim.spec.flatten(dict(model.named_parameters()))[:sim.spec.n_shared]
+    return hashlib.sha256(shared.numpy().tobytes()).hexdigest()
 
 
 def node_of_most_users(job: Job, round_index: int) -> tuple[int, int]:
@@ -108,7 +108,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_deployment_matches_in_process_engine_and_survives_a_killed_node(run_dir, tmp_path):
     job = tiny_job(run_dir, tmp_path / "flower_out", ROUNDS)
-    local = in_process(replace(job, fl=replace(job.fl, max_rounds=2)), tmp_path / "local_out")
+    local = in_process(replace(job, fl=replace(job.fl, max_rounds=2)), run_dir, "local_deploy_test")
     victim, victim_users = node_of_most_users(job, KILL_ROUND - 1)
     assert victim_users > 0  # the scenario needs the victim in round 3's cohort
 
@@ -126,15 +126,16 @@ def test_deployment_matches_in_process_engine_and_survives_a_killed_node(run_dir
         intruder_log = (fed.logs / f"supernode_{NODES}.log").read_text(errors="replace")
     assert res.returncode == 0, res.log[-3000:]
 
-    hist = [json.loads(line) for line in (job.out_dir / HISTORY).read_text().splitlines()]
+    hist = [json.loads(line) for line in (job.out_dir / "history.jsonl").read_text().splitlines()]
     assert [h["round"] for h in hist] == list(range(1, ROUNDS + 1))
     # parity: the deployment's first two rounds reproduce the in-process engine bit for bit
-    assert [h["params_sha256"] for h in hist[:2]] == local
+    assert hist[1]["params_sha256"] == local
     assert all(h["completed"] == h["selected"] == job.fl.clients_per_round for h in hist[:2])
     # the fault: round 3 timed out on the killed node and finished with the others' users...
     r3 = hist[KILL_ROUND - 1]
     assert r3["dropped"] == victim_users and r3["completed"] == r3["selected"] - victim_users > 0
-    assert "did not answer within" in res.log and "users are dropped from this round" in res.log
+    # (either our deadline passed first, or Flower had already marked the node unavailable: both name it)
+    assert f"{victim_users} users are dropped from this round" in res.log
     # ...and training went on without it
     r4 = hist[KILL_ROUND]
     assert r4["dropped"] == 0 and r4["completed"] == job.fl.clients_per_round

@@ -28,6 +28,7 @@ RUN_CONFIG: dict[str, Any] = {
     "secagg": False,        # Flower's SecAgg+ (legacy strategy workflow) instead of plain aggregation
     "secagg-clip": 8.0,     # SecAgg+ clipping range of the quantized node updates
     "threads": 0,           # torch threads in each ClientApp (0: leave torch's default)
+    "resume": False,        # continue from the checkpoint in out-dir (server state; see docs/flower.md)
     "placement": "held",    # held: users live on the node that lists them | any: simulation slots, any node trains anyone
 }
 

@@ -11,10 +11,12 @@ Messages it answers:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
@@ -25,37 +27,38 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedkey.errors import FedkeyError
-from fl_core.compress import Codec, decode
+from fl_core.compress import decode
 from fl_core.flower.client_work import train_users
-from fl_core.flower.job import Built, Job, build_task
+from fl_core.flower.job import Job, build_simulation
+from fl_core.simulation import Simulation
 from fl_core.flower.partition import TRAIN_SPLIT, node_data_dir, node_users
-from fl_core.flower.wire import TrainIns, reports_to_content
+from fl_core.flower.wire import TIMING, TrainIns, reports_to_content
 from fl_core.store import ClientStore
 
 LEGACY_PARAMS = "fitins.parameters"
 
-_cache: dict[Any, tuple[Job, Built]] = {}  # a simulation actor answers many messages; a deployed ClientApp one
+_cache: dict[Any, tuple[Job, Simulation]] = {}  # a simulation actor answers many messages; a deployed ClientApp one
 
 
-def _setup(context: Context) -> tuple[Job, Built, Path]:
+def _setup(context: Context) -> tuple[Job, Simulation, Path]:
     job = Job.from_run_config(context.run_config)
     data_dir = node_data_dir(context.node_config, context.run_config)
     key = (str(data_dir), str(context.run_config.get("config")))
     if key not in _cache:
         if job.threads:
             torch.set_num_threads(job.threads)
-        built, _ = build_task(data_dir, job.fl, job.model)
+        sim, _, _ = build_simulation(job, data_dir=data_dir)  # the task and parameter layout of the local engine
         _cache.clear()
-        _cache[key] = (job, built)
-    job, built = _cache[key]
-    return job, built, data_dir
+        _cache[key] = (job, sim)
+    job, sim = _cache[key]
+    return job, sim, data_dir
 
 
-def _held(context: Context, job: Job, built: Built) -> list[str] | None:
+def _held(context: Context, job: Job, sim: Simulation) -> list[str] | None:
     """The users this node may train; None when any user may be trained here (simulation slots)."""
     if job.placement == "any":
         return None
-    return node_users(context.node_config, built.task.shards.users(TRAIN_SPLIT))
+    return node_users(context.node_config, sim.task.shards.users(TRAIN_SPLIT))
 
 
 def _store(context: Context, data_dir: Path) -> ClientStore:
@@ -63,15 +66,14 @@ def _store(context: Context, data_dir: Path) -> ClientStore:
     return ClientStore("disk", root / f"run_{context.run_id}")
 
 
-def _train(context: Context, ins: TrainIns) -> tuple[Job, Built, list]:
-    job, built, data_dir = _setup(context)
-    held = _held(context, job, built)
+def _train(context: Context, ins: TrainIns) -> tuple[Job, Simulation, list]:
+    job, sim, data_dir = _setup(context)
+    held = _held(context, job, sim)
     if held is not None:
         foreign = sorted(set(ins.users) - set(held))
         if foreign:
             raise FedkeyError(f"asked to train users this SuperNode does not hold: {', '.join(foreign[:5])}")
-    codec = Codec(job.fl.compress, built.spec, job.fl.topk_frac)
-    return job, built, train_users(built.task, built.spec, job.fl, codec, _store(context, data_dir), ins)
+    return job, sim, train_users(sim.task, sim.spec, job.fl, sim.codec, _store(context, data_dir), ins)
 
 
 def maybe_secagg(msg: Message, context: Context, call_next) -> Message:
@@ -87,8 +89,8 @@ app = ClientApp(mods=[maybe_secagg])
 @app.query("users")
 def users(msg: Message, context: Context) -> Message:
     """The users this node holds."""
-    _, built, _ = _setup(context)
-    held = node_users(context.node_config, built.task.shards.users(TRAIN_SPLIT))
+    _, sim, _ = _setup(context)
+    held = node_users(context.node_config, sim.task.shards.users(TRAIN_SPLIT))
     return Message(RecordDict({"users": ConfigRecord({"users": held})}), reply_to=msg)
 
 
@@ -97,8 +99,13 @@ def train(msg: Message, context: Context) -> Message:
     """Train this node's share of the round."""
     if LEGACY_PARAMS in msg.content.array_records:
         return _train_legacy(msg, context)
+    t0 = time.perf_counter()
     _, _, reports = _train(context, TrainIns.from_content(msg.content))
-    return Message(reports_to_content(reports), reply_to=msg)
+    content = reports_to_content(reports)
+    # where a round's time goes: training here vs. this process's life (Flower starts one per message when deployed)
+    content[TIMING] = ConfigRecord({"train_s": time.perf_counter() - t0,
+                                    "proc_s": time.time() - psutil.Process().create_time()})
+    return Message(content, reply_to=msg)
 
 
 def _train_legacy(msg: Message, context: Context) -> Message:
@@ -108,8 +115,8 @@ def _train_legacy(msg: Message, context: Context) -> Message:
     shared = torch.from_numpy(parameters_to_ndarrays(fitins.parameters)[0].copy())
     ins = TrainIns(int(c["round"]), float(c["client_lr"]), json.loads(str(c["users"])), json.loads(str(c["idx"])),
                    shared, None)
-    job, built, reports = _train(context, ins)
-    total = np.zeros(built.spec.n_shared, dtype=np.float64)
+    job, sim, reports = _train(context, ins)
+    total = np.zeros(sim.spec.n_shared, dtype=np.float64)
     weight = 0
     for rep in reports:
         if rep.sat_out:

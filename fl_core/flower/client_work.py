@@ -2,7 +2,8 @@
 
 The same steps, in the same order and with the same seeds, as the in-process engine
 (`fl_core.simulation.Simulation.train` and the encode step of its round): each user's data is
-`task.client_data(user, rng(seed, 7100, round, idx))`, users train in lanes (`fl_core.lanes.train_lanes`),
+`task.client_data(user, rng(seed, 7100, round, idx))`, users train with `fl_core.executors.run_clients`
+and the configured executor,
 FedPer parameters and top-k residuals stay in this node's `ClientStore`, and each delta is
 encoded by `fl_core.compress.Codec` with the generator (seed, 7200, round, idx).
 """
@@ -16,7 +17,8 @@ from fl_core.client import client_init
 from fl_core.compress import Codec, seeded_generator
 from fl_core.config import FLConfig
 from fl_core.flower.wire import TrainIns, UserReport
-from fl_core.lanes import LaneJob, train_lanes
+from fl_core.executors import run_clients
+from fl_core.lanes import LaneJob
 from fl_core.params import ParamSpec
 from fl_core.simulation import LOCAL, RESIDUAL
 from fl_core.store import ClientStore
@@ -32,8 +34,15 @@ def train_users(task, spec: ParamSpec, cfg: FLConfig, codec: Codec, store: Clien
         local = store.get(u, LOCAL, r) if spec.n_total > spec.n_shared else None
         jobs.append(LaneJob(d, client_init(spec, g, local, init_local)))
     trained: dict[int, tuple[torch.Tensor, float]] = {}
-    for j, flat, loss in train_lanes(task, spec, jobs, ins.client_lr, cfg.client_clip, cfg.lanes):
-        trained[j] = (flat, loss)
+    threads = torch.get_num_threads()
+    if cfg.executor == "threads":  # one client alone falls back to the sequential path: give it the one core a
+        torch.set_num_threads(1)   # threads worker has, so its result is the in-process engine's bit for bit
+    try:
+        for j, flat, loss in run_clients(task, spec, jobs, ins.client_lr, cfg.client_clip, cfg.executor, cfg.workers,
+                                         cfg.lanes):
+            trained[j] = (flat, loss)
+    finally:
+        torch.set_num_threads(threads)
 
     reports = []
     for j, (u, i, d) in enumerate(zip(ins.users, ins.idx, data)):

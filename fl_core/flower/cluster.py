@@ -115,6 +115,8 @@ class Federation:
     startup_timeout_s: float = 90.0
     env: dict[str, str] = field(default_factory=dict)
     spare_keys: int = 0  # extra SuperNode key pairs that are never registered (to show they are refused)
+    address: str | None = None  # a SuperLink someone else runs: start nothing, only talk to it
+    root_certificates: Path | None = None  # ...and the CA certificate its TLS certificate is signed by
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -122,6 +124,7 @@ class Federation:
         self.logs = self.workdir / "logs"
         self.port = 0
         self.superlink: subprocess.Popen | None = None
+        self.run_proc: subprocess.Popen | None = None  # the `flwr run` client while a run is in progress
         self.supernodes: list[subprocess.Popen | None] = []
         self.creds: Credentials | None = None
         if self.simulation:
@@ -162,6 +165,9 @@ class Federation:
         """Start the SuperLink, register and start the SuperNodes, wait until every node is online."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
+        if self.address:
+            self._write_connection()
+            return
         if self.tls:
             self.creds = make_credentials(self.workdir / "certs", len(self.node_configs) + self.spare_keys)
         self.port = free_port(self.host)
@@ -189,11 +195,13 @@ class Federation:
                 "--ssl-ca-certfile", str(self.creds.ca_cert)]
 
     def _write_connection(self) -> None:
-        conn: dict[str, Any] = {"address": f"{self.host}:{self.port}"}
-        if self.creds:
-            conn["root-certificates"] = str(self.creds.ca_cert)
-        else:
+        conn: dict[str, Any] = {"address": self.address or f"{self.host}:{self.port}"}
+        ca = self.creds.ca_cert if self.creds else self.root_certificates
+        if not self.tls:
             conn["insecure"] = True
+        elif ca:
+            conn["root-certificates"] = str(Path(ca).resolve())
+        # else: TLS against the system's trusted CAs
         (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
 
     def _listening(self, port: int) -> bool:
@@ -296,17 +304,19 @@ class Federation:
         if federation_config:
             cmd += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
         t0 = time.perf_counter()
-        proc = self._popen([_bin("flwr"), *cmd], log_name)
+        self.run_proc = self._popen([_bin("flwr"), *cmd], log_name)
         try:
-            rc = proc.wait(timeout=timeout_s)
+            rc = self.run_proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            kill_tree(proc.pid)
+            kill_tree(self.run_proc.pid)
             rc = -1
+        finally:
+            self.run_proc = None
         return RunResult(rc, time.perf_counter() - t0, (self.logs / log_name).read_text(errors="replace"))
 
     def pids(self) -> list[int]:
-        """Process ids of the SuperLink and live SuperNodes (roots of the trees to measure or kill)."""
-        procs = [self.superlink, *self.supernodes]
+        """Process ids of the SuperLink, live SuperNodes and `flwr run` (roots of the trees to measure or kill)."""
+        procs = [self.superlink, *self.supernodes, self.run_proc]
         return [p.pid for p in procs if p is not None and p.poll() is None]
 
     def stop(self) -> None:

@@ -12,12 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from fedkey import config as C
 from fedkey.errors import FedkeyError
 from fl_core.config import FleetConfig, FLConfig
-from fl_core.params import ParamSpec
 
 
 @dataclass
@@ -37,6 +34,7 @@ class Job:
     secagg_clip: float = 8.0
     threads: int = 0
     placement: str = "held"
+    resume: bool = False
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> "Job":
@@ -50,7 +48,8 @@ class Job:
                    int(rc.get("expect-nodes", 0)), float(rc.get("wait-nodes-s", 300.0)),
                    float(rc.get("round-timeout-s", 600.0)), float(rc.get("straggler-factor", 0.0)),
                    bool(rc.get("secagg", False)),
-                   float(rc.get("secagg-clip", 8.0)), int(rc.get("threads", 0)), str(rc.get("placement", "held")))
+                   float(rc.get("secagg-clip", 8.0)), int(rc.get("threads", 0)), str(rc.get("placement", "held")),
+                   bool(rc.get("resume", False)))
 
     def to_run_config(self) -> dict[str, Any]:
         """The `flwr run --run-config` overrides for this job."""
@@ -60,7 +59,7 @@ class Job:
                 "wait-nodes-s": float(self.wait_nodes_s), "round-timeout-s": float(self.round_timeout_s),
                 "straggler-factor": float(self.straggler_factor),
                 "secagg": bool(self.secagg), "secagg-clip": float(self.secagg_clip), "threads": self.threads,
-                "placement": self.placement}
+                "placement": self.placement, "resume": bool(self.resume)}
 
 
 def _build(cls: type, sections: Mapping[str, Any]) -> Any:
@@ -69,32 +68,25 @@ def _build(cls: type, sections: Mapping[str, Any]) -> Any:
     return cls(**values)
 
 
-@dataclass
-class Built:
-    """The task and parameter layout both sides of a Flower run need."""
+def build_simulation(job: Job, data_dir: Path | None = None, population: list[str] | None = None,
+                     evaluate: bool = False):
+    """fedkey's in-process engine for this job (fedkey.fl_stage.build_simulation: same seed, model, task).
 
-    task: Any
-    spec: ParamSpec
-    vocab_size: int
-
-
-def build_task(data_dir: Path, fl: FLConfig, mcfg: C.ModelConfig, init: bool = False) -> tuple[Built, torch.Tensor | None]:
-    """KeyboardTask over a prepared run's shards; with `init`, also the seeded initial flat parameters.
-
-    Mirrors the in-process stage: the same seed, the same model and output-bias initialisation.
+    The ServerApp keeps the global state in it (state, token count, history, checkpoints in fl_core's
+    format); each ClientApp takes the task and parameter layout from it. `population` replaces the run's
+    training users (the users the SuperNodes reported). Returns (simulation, model template, tokenizer).
     """
-    from fedkey import pipeline as P
-    from fedkey.fl_task import KeyboardTask
-    from keyboard.model import KeyboardLM
+    import dataclasses
 
-    shards, tok = P.load_prepared(Path(data_dir))
-    torch.manual_seed(fl.seed)
-    model = KeyboardLM(tok.vocab_size, mcfg)
-    flat = None
-    if init:
-        model.init_output_bias(P.encode_split(shards, tok, "public_train", fl.max_len))
-    task = KeyboardTask(shards, tok, model, fl.batch_size, fl.max_messages, fl.max_len, fl.local_epochs)
-    spec = ParamSpec.of(model, fl.local_patterns())
-    if init:
-        flat = spec.flatten(dict(model.named_parameters()))
-    return Built(task, spec, tok.vocab_size), flat
+    from fedkey.fl_stage import QuickEval, build_simulation as stage_build, region_time_zones
+
+    holder: dict[str, Any] = {}
+    hook = (lambda r, flat: holder["eval"](r, flat, sim.spec)) if evaluate and job.fl.eval_every else None
+    sim, model, tok = stage_build(Path(data_dir or job.run_dir), job.model, job.fl, job.fleet, job.out_dir,
+                                  evaluate=hook)
+    if population is not None and population != sim.population:
+        tz = region_time_zones(sim.task.shards, population, job.fl.seed)
+        sim = dataclasses.replace(sim, population=list(population), tz_hours=tz, history=[])
+    if hook:
+        holder["eval"] = QuickEval(Path(job.run_dir), model, tok, job.fl.eval_positions)
+    return sim, model, tok

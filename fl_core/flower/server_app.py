@@ -12,7 +12,6 @@ Outputs in `out-dir` (on the SuperLink machine): `checkpoint.pt` after every rou
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -32,57 +31,64 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid, ServerApp
 
-from fedkey.io import atomic_write_bytes, write_json
-from fl_core.flower.job import Job, build_task
+from fedkey.io import write_json
+from fl_core.flower.job import Job, build_simulation
 from fl_core.flower.server_loop import RoundDriver, discover_users, log, run_rounds, wait_for_nodes
 from fl_core.flower.wire import TrainIns, UserReport
 
 app = ServerApp()
 
-HISTORY, RESULT, MODEL = "history.jsonl", "result.json", "global.pt"
+RESULT = "flower_result.json"
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run federated training to the configured budget and write the result."""
+    """Run federated training to the configured budget and write what the in-process engine writes."""
+    from fedkey.fl_stage import HISTORY, write_history
+    from keyboard.checkpoint import save_model
+
     job = Job.from_run_config(context.run_config)
     t0 = time.perf_counter()
     if job.threads:
         torch.set_num_threads(job.threads)
-    built, init = build_task(job.run_dir, job.fl, job.model, init=True)
+    out = Path(job.out_dir)
     nodes = wait_for_nodes(grid, job.expect_nodes, job.wait_nodes_s)
     if job.placement == "any":
-        population, holder = built.task.shards.users("train"), None
+        sim, model, tok = build_simulation(job, evaluate=True)
+        holder = None
     else:
         where = discover_users(grid, nodes, job.round_timeout_s)
-        population = sorted(where)
-        holder = lambda i: where[population[i]]  # noqa: E731
-    log(f"{len(nodes)} SuperNodes, {len(population)} users; setup {time.perf_counter() - t0:.1f} s")
-    driver = RoundDriver(job, built.spec, init, population)
-    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-    hist = Path(job.out_dir) / HISTORY
-    hist.write_text("")
+        sim, model, tok = build_simulation(job, population=sorted(where), evaluate=True)
+        holder = lambda i: where[sim.population[i]]  # noqa: E731
+    if job.resume and sim.restore():
+        log(f"resuming after round {sim.state.round}")
+    else:
+        sim.checkpoint()
+    log(f"{len(nodes)} SuperNodes, {len(sim.population)} users; setup {time.perf_counter() - t0:.1f} s")
+    driver = RoundDriver(job, sim)
 
     def on_round(entry: dict[str, Any]) -> None:
-        with hist.open("a") as fh:
-            fh.write(json.dumps(entry) + "\n")
+        write_history(out, sim.history)
+        acc = f", top-1 {100 * entry['eval']['test']['top1']:.1f}%" if "test" in entry.get("eval", {}) else ""
         log(f"round {entry['round']}: {entry['completed']}/{entry['selected']} users, loss {entry['loss']:.3f}, "
-            f"{entry['tokens_total']:,} tokens, {entry['wall_s']:.2f} s")
+            f"{entry['tokens_total']:,} tokens, {entry['wall_s']:.2f} s{acc}")
 
     if job.secagg:
         run_secagg_rounds(grid, context, driver, holder, on_round)
     else:
         run_rounds(grid, driver, holder, on_round)
-    buf = Path(job.out_dir) / MODEL
-    b = io.BytesIO()
-    torch.save({"params": driver.full_params(), "names": built.spec.names}, b)
-    atomic_write_bytes(buf, b.getvalue())
-    write_json(Path(job.out_dir) / RESULT, {"rounds": driver.state.round, "tokens": driver.tokens,
-                                            "seconds": time.perf_counter() - t0, "model": str(buf),
-                                            "up_total": driver.up_total, "down_total": driver.down_total,
-                                            "population": len(population), "nodes": len(nodes),
-                                            "secagg": job.secagg})
-    log(f"done: {driver.state.round} rounds, {driver.tokens:,} tokens in {time.perf_counter() - t0:.1f} s")
+    write_history(out, sim.history)
+    sim.spec.load_into(model, sim.full_params())
+    h = sim.history
+    result = {"rounds": sim.state.round, "tokens": sim.tokens, "seconds": time.perf_counter() - t0,
+              "up_bytes": sim.up_total, "down_bytes": sim.down_total,
+              "clients_used": sum(x["completed"] for x in h), "dropped": sum(x["dropped"] for x in h),
+              "late": sum(x["late"] for x in h), "aborted": 0, "sat_out": sum(x["sat_out"] for x in h),
+              "skipped_rounds": sum(bool(x["skipped"]) for x in h), "loss": h[-1]["loss"] if h else None,
+              "engine": "flower", "secagg": job.secagg, "nodes": len(nodes), "population": len(sim.population)}
+    save_model(out, model, tok, config=json.loads(str(context.run_config.get("config", "{}"))), result=result)
+    write_json(out / RESULT, result)
+    log(f"done: {sim.state.round} rounds, {sim.tokens:,} tokens in {time.perf_counter() - t0:.1f} s -> {out}")
 
 
 # ---- SecAgg+ ----------------------------------------------------------------------------------------------------
@@ -140,7 +146,7 @@ class SecAggStrategy(Strategy):
 
 def run_secagg_rounds(grid: Grid, context: Context, driver: RoundDriver, holder, on_round) -> None:
     """fedkey's rounds with Flower's SecAgg+ doing the aggregation (plain weighted mean of node means)."""
-    job = driver.job
+    job, sim = driver.job, driver.sim
     strategy = SecAggStrategy(grid, context.run_id)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy)
     cfg = job.fl
@@ -149,7 +155,7 @@ def run_secagg_rounds(grid: Grid, context: Context, driver: RoundDriver, holder,
     max_weight = float(per_user * math.ceil(job.fleet.overselect * cfg.clients_per_round))
     workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.67, clipping_range=job.secagg_clip,
                                   max_weight=max_weight, timeout=job.round_timeout_s)
-    while not driver.done():
+    while not sim.done():
         t0 = time.perf_counter()
         nodes = sorted(grid.get_node_ids())
         live = set(nodes)
@@ -162,15 +168,15 @@ def run_secagg_rounds(grid: Grid, context: Context, driver: RoundDriver, holder,
         strategy.plan = driver.instructions(selected, place)
         strategy.mean, strategy.reports = None, []
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-            {Key.CURRENT_ROUND: driver.state.round + 1, Key.START_TIME: time.time()})
-        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([driver.state.params.numpy()])
+            {Key.CURRENT_ROUND: driver.round + 1, Key.START_TIME: time.time()})
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([sim.state.params.numpy()])
         workflow(grid, legacy)
         got = {r.user for r in strategy.reports}
         failed = sum(1 for i in selected if driver.population[i] not in got)
         if strategy.mean is None:
-            log(f"round {driver.state.round + 1}: secure aggregation did not complete (too few nodes answered); "
+            log(f"round {driver.round + 1}: secure aggregation did not complete (too few nodes answered); "
                 "the model is unchanged this round")
         entry = driver.apply_mean(selected, strategy.reports, strategy.mean, failed, time.perf_counter() - t0)
-        entry.update(eligible=int(eligible), nodes=len(nodes))
-        driver.checkpoint()
+        entry.update(eligible=int(eligible), nodes=len(nodes), wall_s=time.perf_counter() - t0)
+        sim.checkpoint()
         on_round(entry)

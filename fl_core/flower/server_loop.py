@@ -23,15 +23,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedkey.errors import FedkeyError
-from fl_core.aggregate import Aggregator, WeightedMean
-from fl_core.checkpoint import save_checkpoint
-from fl_core.compress import Codec, decode
+from fl_core.aggregate import RoundAbandoned
+from fl_core.compress import decode
 from fl_core.fleet import Fleet
 from fl_core.flower.job import Job
-from fl_core.flower.wire import TrainIns, UserReport, content_to_reports
-from fl_core.params import ParamSpec
-from fl_core.server import ServerState, server_init, server_update
-from fl_core.simulation import client_lr, server_lr
+from fl_core.flower.wire import TIMING, TrainIns, UserReport, content_to_reports
+from fl_core.server import ServerState, server_update
+from fl_core.simulation import Simulation, client_lr, server_lr
 
 POLL_S = 0.1  # how often the ServerApp asks the SuperLink for replies (Flower's own loop waits 3 s)
 BENCH_ROUNDS = 3  # a node that failed or missed a deadline sits out this many rounds before it is tried again
@@ -133,54 +131,50 @@ def discover_users(grid: Grid, nodes: Iterable[int], timeout_s: float) -> dict[s
 
 @dataclass
 class RoundDriver:
-    """Global state and one round of FedAvg over Flower nodes; `population[i]` is user i."""
+    """One round of FedAvg over Flower nodes, on the global state of an in-process `Simulation` object.
+
+    The Simulation (built exactly as `fedkey train --engine local` builds it) holds the server state, the
+    token budget, the aggregator, the codec, the history and writes the checkpoints, so a Flower run stops,
+    logs and checkpoints like the in-process engine; its own training loop is not used.
+    """
 
     job: Job
-    spec: ParamSpec
-    init_params: torch.Tensor
-    population: list[str]
-    aggregator: Aggregator | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    sim: Simulation
 
     def __post_init__(self) -> None:
-        cfg = self.job.fl
-        self.codec = Codec(cfg.compress, self.spec, cfg.topk_frac)
-        self.aggregator = self.aggregator or WeightedMean(self.spec.n_shared)
-        self.init_local = self.init_params[self.spec.n_shared:].clone()
-        self.state: ServerState = server_init(self.init_params[:self.spec.n_shared], cfg)
-        self.fleet = LiveFleet(len(self.population), self.job.fleet, cfg.seed)
-        self.fleet.live = np.ones(len(self.population), dtype=bool)
-        self.tokens = self.up_total = self.down_total = 0
+        self.fleet = LiveFleet(len(self.sim.population), self.job.fleet, self.job.fl.seed)
+        self.fleet.live = np.ones(len(self.sim.population), dtype=bool)
         self.benched: dict[int, int] = {}  # node -> first round it may take part in again
 
-    def done(self) -> bool:
-        """The in-process engine's stopping rule: token budget, or round limit."""
-        cfg = self.job.fl
-        return self.tokens >= cfg.max_tokens or bool(cfg.max_rounds and self.state.round >= cfg.max_rounds)
+    @property
+    def population(self) -> list[str]:
+        """User ids; user i is population[i]."""
+        return self.sim.population
 
-    def full_params(self) -> torch.Tensor:
-        """The global model as one flat vector (FedPer local parameters at their initial values)."""
-        return torch.cat([self.state.params, self.init_local])
+    @property
+    def round(self) -> int:
+        """Rounds done so far."""
+        return self.sim.state.round
 
     def select(self, live_users: np.ndarray) -> tuple[int, list[int]]:
         """This round's cohort (population indices) among users on live nodes."""
         self.fleet.live = live_users
-        return self.fleet.select(self.state.round, 0.0, self.job.fl.clients_per_round)
+        return self.fleet.select(self.round, 0.0, self.job.fl.clients_per_round)
 
     def instructions(self, selected: list[int], holder: Callable[[int], int]) -> dict[int, TrainIns]:
         """One TrainIns per node for the selected users it should train."""
-        cfg, r = self.job.fl, self.state.round
+        sim, cfg = self.sim, self.job.fl
         by_node: dict[int, list[int]] = {}
         for i in selected:
             by_node.setdefault(holder(i), []).append(i)
-        local0 = self.init_local if self.spec.n_total > self.spec.n_shared else None
-        lr = client_lr(cfg, self.tokens)
-        return {n: TrainIns(r, lr, [self.population[i] for i in idx], idx, self.state.params, local0)
+        local0 = sim.init_local if sim.spec.n_total > sim.spec.n_shared else None
+        lr = client_lr(cfg, sim.tokens)
+        return {n: TrainIns(self.round, lr, [self.population[i] for i in idx], idx, sim.state.params, local0)
                 for n, idx in by_node.items()}
 
     def apply(self, selected: list[int], reports: list[UserReport], n_failed: int, seconds: float) -> dict[str, Any]:
         """Aggregate the kept reports (in population order, as the in-process engine does) and step."""
-        cfg, r = self.job.fl, self.state.round
+        sim, cfg, r = self.sim, self.job.fl, self.round
         used = sorted(reports, key=lambda rep: rep.idx)
         sent, weights, ids, sat_out, up = [], [], [], 0, 0
         for rep in used:
@@ -193,68 +187,66 @@ class RoundDriver:
             ids.append(rep.user)
         skipped = len(sent) < max(1, self.job.fleet.min_clients)
         info: dict[str, Any] = {}
+        mean = None
         if not skipped:
-            res = self.aggregator.aggregate(sent, weights, ids, n_dropped=n_failed)
-            info = {"rejected": len(res.rejected), **{k: v for k, v in res.info.items() if isinstance(v, (int, float))}}
-            mean = torch.from_numpy(np.asarray(res.mean, dtype=np.float32))
-            self.state = server_update(self.state, mean, cfg, server_lr(cfg, r))
-            delta_norm = float(mean.norm())
-        else:
-            self.state = ServerState(self.state.params, self.state.slots, r + 1)
-            delta_norm = 0.0
-        return self._log(r, selected, used, n_failed, sat_out, sent, up, skipped, delta_norm, seconds, info)
+            try:  # as in the in-process engine: every selected user whose update is not here counts as dropped
+                res = sim.aggregator.aggregate(sent, weights, ids, n_dropped=len(selected) - len(sent))
+                info = {"rejected": len(res.rejected),
+                        **{k: v for k, v in res.info.items() if isinstance(v, (int, float))}}
+                mean = res.mean
+            except RoundAbandoned as e:  # the aggregator released nothing (e.g. too few clients for it)
+                info = {"abandoned": str(e)}
+        return self._step(selected, used, mean, n_failed, sat_out, len(sent), up, seconds, info)
 
     def apply_mean(self, selected: list[int], reports: list[UserReport], mean: np.ndarray | None, n_failed: int,
                    seconds: float) -> dict[str, Any]:
         """Step with a mean computed elsewhere (Flower's SecAgg+ hands back only the aggregate)."""
-        cfg, r = self.job.fl, self.state.round
-        if mean is not None:
-            m = torch.from_numpy(np.asarray(mean, dtype=np.float32))
-            self.state = server_update(self.state, m, cfg, server_lr(cfg, r))
-        else:
-            self.state = ServerState(self.state.params, self.state.slots, r + 1)
         used = sorted(reports, key=lambda rep: rep.idx)
         up = sum(rep.info.get("nbytes", 0) for rep in used)
-        return self._log(r, selected, used, n_failed, 0, used, up, mean is None,
-                         0.0 if mean is None else float(np.linalg.norm(mean)), seconds, {"secagg": 1})
+        sat_out = sum(rep.sat_out for rep in used)
+        return self._step(selected, used, mean, n_failed, sat_out, len(used) - sat_out, up, seconds, {"secagg": 1})
 
-    def _log(self, r: int, selected: list[int], used: list[UserReport], n_failed: int, sat_out: int, sent: list,
-             up: int, skipped: bool, delta_norm: float, seconds: float, info: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.job.fl
+    def _step(self, selected: list[int], used: list[UserReport], mean: np.ndarray | None, n_failed: int,
+              sat_out: int, uploaded: int, up: int, seconds: float, info: dict[str, Any]) -> dict[str, Any]:
+        sim, cfg, r = self.sim, self.job.fl, self.round
+        if mean is not None:
+            m = torch.from_numpy(np.asarray(mean, dtype=np.float32))
+            sim.state = server_update(sim.state, m, cfg, server_lr(cfg, r))
+            delta_norm = float(m.norm())
+        else:  # nothing usable arrived: the model stays, the round counts (as in the in-process engine)
+            sim.state = ServerState(sim.state.params, sim.state.slots, r + 1)
+            delta_norm = 0.0
         tokens = sum(rep.work_tokens for rep in used)
-        self.tokens += tokens
-        down = 4 * self.spec.n_shared
-        self.up_total += up
-        self.down_total += down * len(selected)
+        lr_c = client_lr(cfg, sim.tokens)
+        sim.tokens += tokens
+        down = 4 * sim.spec.n_shared
+        sim.up_total += up
+        sim.down_total += down * len(selected)
         wsum = sum(rep.n_tokens for rep in used) or 1
-        digest = hashlib.sha256(self.state.params.numpy().tobytes()).hexdigest()
-        entry = {"round": r + 1, "params_sha256": digest, "selected": len(selected), "completed": len(used), "dropped": n_failed,
-                 "late": len(selected) - len(used) - n_failed, "sat_out": sat_out, "uploaded": len(sent),
-                 "skipped": skipped, "tokens": tokens, "tokens_total": self.tokens,
-                 "loss": sum(rep.loss * rep.n_tokens for rep in used) / wsum, "client_lr": client_lr(cfg, self.tokens - tokens),
+        entry = {"round": r + 1, "params_sha256": hashlib.sha256(sim.state.params.numpy().tobytes()).hexdigest(),
+                 "selected": len(selected), "completed": len(used), "dropped": n_failed,
+                 "late": len(selected) - len(used) - n_failed, "aborted": 0, "sat_out": sat_out,
+                 "uploaded": uploaded, "skipped": mean is None, "tokens": tokens, "tokens_total": sim.tokens,
+                 "loss": sum(rep.loss * rep.n_tokens for rep in used) / wsum, "client_lr": lr_c,
                  "server_lr": server_lr(cfg, r), "delta_norm": delta_norm, "down_bytes": down * len(selected),
-                 "up_bytes": up, "down_total": self.down_total, "up_total": self.up_total, "wall_s": seconds, **info}
-        self.history.append(entry)
+                 "up_bytes": up, "down_total": sim.down_total, "up_total": sim.up_total, **info}
+        if sim.evaluate and cfg.eval_every and (r + 1) % cfg.eval_every == 0 and not sim.done():
+            entry["eval"] = sim.evaluate(r + 1, sim.full_params())
+        entry["wall_s"] = seconds
+        sim.history.append(entry)
         return entry
-
-    def checkpoint(self) -> None:
-        """Save the global state after the current round (same format as the in-process engine)."""
-        save_checkpoint(self.job.out_dir, {"round": self.state.round, "server": self.state.state_dict(),
-                                           "aggregator": self.aggregator.state_dict(), "history": self.history,
-                                           "tokens": self.tokens, "up_total": self.up_total,
-                                           "down_total": self.down_total, "engine": "flower"})
 
 
 def run_rounds(grid: Grid, driver: RoundDriver, holder: Callable[[int], int] | None,
                on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Rounds until the budget is spent. `holder(i)`: node holding user i (None: any live node may train anyone)."""
     job = driver.job
-    while not driver.done():
+    while not driver.sim.done():
         t0 = time.perf_counter()
         nodes = sorted(grid.get_node_ids())
         if not nodes:
             raise FedkeyError("every SuperNode is gone; training stops (the last global model is checkpointed)")
-        r = driver.state.round
+        r = driver.round
         live = {n for n in nodes if driver.benched.get(n, 0) <= r} or set(nodes)
         if holder is None:  # simulation: virtual nodes are execution slots that read the shared run directory
             live_users = np.ones(len(driver.population), dtype=bool)
@@ -276,16 +268,20 @@ def run_rounds(grid: Grid, driver: RoundDriver, holder: Callable[[int], int] | N
 
         ex = exchange(grid, msgs, job.round_timeout_s, enough, job.straggler_factor)
         reports: list[UserReport] = []
-        failed = 0
+        failed, train_s, proc_s, errors = 0, [], [], []
         for node in ex.order:
             reply = ex.replies[node]
             if reply.has_error():
+                errors.append(reply.error.reason.strip())
                 failed += len(ins[node].users)
                 driver.benched[node] = r + 1 + BENCH_ROUNDS
                 log(f"round {r + 1}: SuperNode {node} failed ({reply.error.reason.strip()[:300]}); "
                     f"its {len(ins[node].users)} users are dropped from this round and it sits out {BENCH_ROUNDS} rounds")
                 continue
             reports += content_to_reports(reply.content)
+            if TIMING in reply.content.config_records:
+                train_s.append(float(reply.content.config_records[TIMING]["train_s"]))
+                proc_s.append(float(reply.content.config_records[TIMING]["proc_s"]))
         for node in ex.missing:
             if len(reports) >= need:
                 break  # still running after the first N reports: late, not failed
@@ -293,10 +289,14 @@ def run_rounds(grid: Grid, driver: RoundDriver, holder: Callable[[int], int] | N
             driver.benched[node] = r + 1 + BENCH_ROUNDS
             log(f"round {r + 1}: SuperNode {node} did not answer within {ex.waited_s:.0f} s; its "
                 f"{len(ins[node].users)} users are dropped from this round and it sits out {BENCH_ROUNDS} rounds")
+        if not reports and errors and not ex.missing:
+            # every node answered with an exception: a bug or a broken set-up, not a flaky fleet
+            raise FedkeyError(f"round {r + 1}: every SuperNode's ClientApp failed; the first said: {errors[0][:1500]}")
         reports = reports[:need]
         entry = driver.apply(selected, reports, failed, time.perf_counter() - t0)
         entry["eligible"] = int(eligible)
-        entry["nodes"] = len(nodes)
-        driver.checkpoint()
+        entry.update(nodes=len(nodes), node_train_s=train_s, node_proc_s=proc_s, exchange_s=ex.waited_s,
+                     wall_s=time.perf_counter() - t0)
+        driver.sim.checkpoint()
         if on_round:
             on_round(entry)

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fl_core.compress import Encoded
 
-GLOBAL, INIT_LOCAL, ROUND, META = "global", "init_local", "round", "meta"
+GLOBAL, INIT_LOCAL, ROUND, META, TIMING = "global", "init_local", "round", "meta", "timing"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
