@@ -81,7 +81,8 @@ class StepCache:
 
     Typing one more character re-runs a search whose beams mostly start from the same states with the
     same pieces as the previous keystroke's; finishing a word steps pieces that search already ran.
-    A hit returns exactly the stored rows, so results never depend on whether a row was cached.
+    A hit returns the stored rows, so results match running the same steps again (up to the last bits
+    of float rounding, which can differ when a row is computed in a batch of another size).
     """
 
     def __init__(self, backend, capacity: int = 128) -> None:

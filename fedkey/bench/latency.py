@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
         res.update(_check_cache(bundle, kw, messages[: args.check_messages]))
     console.print(_table(res, bundle))
     plot = args.plot or (args.json.with_suffix(".png") if args.json else args.run_dir / "bench" / "latency.png")
-    _plot(lat, res, plot)
+    _plot(lat, cpu, res, plot)
     console.print(f"latency CDF -> {plot}")
     if args.json:
         write_json(args.json, res)
@@ -186,16 +186,17 @@ def _table(res: dict, bundle: Path):
     return t
 
 
-def _plot(lat: list[float], res: dict, path: Path) -> None:
+def _plot(lat: list[float], cpu: list[float], res: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    xs = np.sort(np.asarray(lat))
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs))
+    for values, label in ((lat, "wall time"), (cpu, "CPU time of the thread")):
+        xs = np.sort(np.asarray(values))
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
     ax.set_xscale("log")
     for key, color in (("p50_ms", "tab:green"), ("p99_ms", "tab:red")):
         ax.axvline(TARGETS[key], color=color, ls="--", lw=1, label=f"{key[:3]} target {TARGETS[key]:g} ms")
