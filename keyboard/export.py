@@ -228,7 +228,10 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, settings: QuantS
     onnx.checker.check_model(proto, full_check=True)
     atomic_write_bytes(int8_path, proto.SerializeToString())
     method = "quantize_static (QDQ, activation pairs removed)" if settings.mode == "weights" else "quantize_dynamic"
-    return {"tool": f"onnxruntime.quantization.{method}", "onnxruntime": onnxruntime.__version__, **asdict(settings)}
+    hint = ("onnxruntime session config session.disable_quant_qdq=1 folds the weights' DequantizeLinear at load"
+            if settings.mode == "weights" else "")
+    return {"tool": f"onnxruntime.quantization.{method}", "onnxruntime": onnxruntime.__version__, **asdict(settings),
+            "runtime_hint": hint}
 
 
 def max_abs_diff(model: KeyboardLM, onnx_path: str | Path, rows: int = 5, steps: int = 4, seed: int = 0) -> float:

@@ -7,7 +7,7 @@ import json
 import torch
 
 from fedkey.cli import main
-from fedkey.commands.export import default_model
+from fedkey.commands.export import choose_adapters, default_model
 from fedkey.stages import file_hash
 from keyboard.adapter_file import save_adapter
 from keyboard.bundle import INT8, MANIFEST, PROFILES
@@ -25,7 +25,8 @@ def make_run(tmp_path, model, tok):
         ad = british_adapter(model, tok, base_id, user=user)
         ad.meta = {"region": region}
         save_adapter(adir / f"{user}.npz", ad)
-    gate = {"ann": {"use_adapter": True}, "bob": {"use_adapter": True}, "cid": {"use_adapter": False},
+    gate = {"ann": {"use_adapter": True, "val_global": 4.0, "val_personal": 3.0},
+            "bob": {"use_adapter": True, "val_global": 4.0, "val_personal": 3.9}, "cid": {"use_adapter": False},
             "dee": {"use_adapter": True}}
     (run / "personal" / "gate.json").write_text(json.dumps(gate))
     return run
@@ -42,6 +43,14 @@ def test_export_ships_the_users_the_gate_chose(tmp_path, tiny_model, tiny_tok, c
     assert "parity not measured" in capsys.readouterr().out
     assert main(["export", "--run-dir", str(run), "--no-progress", "--user", "bob", "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / PROFILES).read_text()) == {"bob": "US"}
+    # with one user per region, the one the adapter helped most (ann: loss 4.0 -> 3.0, bob: 4.0 -> 3.9)
+    assert choose_adapters(run, file_hash(run / "central" / "model.pt"), None, per_region=1).keys() == {"ann", "bob"}
+    ad = run / "personal" / "adapters"
+    save_adapter(ad / "eve.npz", british_adapter(tiny_model, tiny_tok, file_hash(run / "central" / "model.pt"), user="eve"))
+    gate = json.loads((run / "personal" / "gate.json").read_text())
+    gate["eve"] = {"use_adapter": True, "val_global": 4.0, "val_personal": 2.0, "region": "GB"}
+    (run / "personal" / "gate.json").write_text(json.dumps(gate))
+    assert choose_adapters(run, file_hash(run / "central" / "model.pt"), None, per_region=1).keys() == {"eve", "bob"}
     assert json.loads((tmp_path / "b" / MANIFEST).read_text())["base_id"] == file_hash(run / "central" / "model.pt")
 
 

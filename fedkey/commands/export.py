@@ -20,8 +20,8 @@ def register(sub) -> None:
     add_common(p, preset=False)
     p.add_argument("--model", type=Path, help="model folder (default: the model the run's adapters were trained on, "
                                               "else the centralized model)")
-    p.add_argument("--user", nargs="+", metavar="ID", help="ship these users' adapters (default: a few GB and US "
-                                                            "users whose gate chose the adapter)")
+    p.add_argument("--user", nargs="+", metavar="ID", help="ship these users' adapters (default: per region, the "
+                                                            "users whose adapter lowered validation loss most)")
     p.add_argument("--per-region", type=int, default=3, help="users per region shipped by default")
     p.add_argument("--out", type=Path, help="bundle folder (default: RUN_DIR/export)")
     p.add_argument("--quant", choices=["weights", "dynamic"], default="weights",
@@ -67,16 +67,21 @@ def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_re
         return out
     if not adir.is_dir() or per_region <= 0:
         return {}
+    ranked = []
+    for path in sorted(adir.glob("*.npz")):
+        u, entry = path.stem, gate.get(path.stem, {})
+        if gate and not entry.get("use_adapter", False):
+            continue
+        made_for = entry.get("base_id") or load_adapter(path).base_id
+        if made_for != base_id:
+            continue  # made for another model: never shipped with this one
+        region = region_of.get(u) or entry.get("region") or load_adapter(path).meta.get("region", "?")
+        vg, vp = entry.get("val_global"), entry.get("val_personal")
+        gain = (vg - vp) / vg if vg and vp is not None else 0.0  # relative drop of validation loss
+        ranked.append((-gain, u, path, region))
     picked: dict[str, tuple[Path, str]] = {}
     counts: dict[str, int] = {}
-    for path in sorted(adir.glob("*.npz")):
-        u = path.stem
-        if gate and not gate.get(u, {}).get("use_adapter", False):
-            continue
-        ad = load_adapter(path)
-        if ad.base_id != base_id:
-            continue  # made for another model: never shipped with this one
-        region = region_of.get(u) or ad.meta.get("region", "?")
+    for _, u, path, region in sorted(ranked):  # the users the adapter helped most, per region
         if counts.get(region, 0) < per_region:
             counts[region] = counts.get(region, 0) + 1
             picked[u] = (path, region)
