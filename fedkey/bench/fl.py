@@ -1,0 +1,156 @@
+"""Federated vs centralized training speed: real (non-padding) tokens/s of both, interleaved in one run.
+
+Both sides train the same model (same size, same initial weights) on the same training
+users' messages for the same number of real tokens, with the same batch size (messages
+per step; per client for federated). Centralized is the production trainer's step
+(keyboard.train: nn.LSTM on length-bucketed padded batches, Adam, clipping, all torch
+threads). Federated is the whole engine (fl_core.simulation rounds: fleet, selection,
+reading and encoding each client's messages from the shards, local SGD, compression,
+aggregation, server optimizer, a checkpoint every round; no evaluation). The two
+alternate in chunks so machine load hits both alike; the ratio is of the totals.
+`--same-math` also times centralized training through the federated step's code (packed
+rows, hand-batched LSTM, SGD), to separate the engine's gains from the step's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from fedkey import config as C
+from fedkey import pipeline as P
+from fedkey.io import write_json
+from fedkey.tables import console
+from fl_core.config import FleetConfig, FLConfig
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of this benchmark."""
+    p.add_argument("--tokens", type=int, default=60_000, help="real tokens each side trains on in total")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved chunks the tokens are split into")
+    p.add_argument("--same-math", action="store_true", help="also time centralized training with the federated step")
+    C.add_flags(p, C.ModelConfig)
+    C.add_flags(p, FLConfig)
+
+
+class _Central:
+    """The production centralized step (as keyboard.train.train_central runs it)."""
+
+    def __init__(self, seqs, vocab: int, mcfg: C.ModelConfig, batch: int, seed: int, same_math: bool) -> None:
+        import torch
+
+        from keyboard.batches import iterate_epoch
+        from keyboard.model import KeyboardLM
+
+        torch.manual_seed(seed)
+        self.model = KeyboardLM(vocab, mcfg)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.batches = (b for epoch in range(1000) for b in iterate_epoch(seqs, batch, seed, epoch))
+        self.same_math = same_math
+        if same_math:  # the federated step's code on the central batches
+            from fedkey.fl_task import KeyboardTask
+            from fl_core.params import ParamSpec
+
+            self.spec = ParamSpec.of(self.model)
+            self.task = KeyboardTask(None, None, self.model, batch, 10**9, 64)
+            self.flat = self.spec.flatten(dict(self.model.named_parameters()))
+            self.raw = (b for epoch in range(1000) for b in _raw_epoch(seqs, batch, seed, epoch))
+
+    def train(self, tokens: int) -> tuple[int, float]:
+        """Train until `tokens` real tokens; (tokens, seconds)."""
+        import torch
+
+        from fl_core.client import ClientData, local_train
+        from keyboard.train import lm_loss
+
+        n, t0 = 0, time.perf_counter()
+        if self.same_math:
+            batches, n = [], 0
+            while n < tokens:
+                b = next(self.raw)
+                batches.append(b)
+                n += sum(len(s) - 1 for s in b)
+            t0 = time.perf_counter()
+            self.flat, _ = local_train(self.task, self.spec, self.flat, ClientData(batches, 0, n), 0.1, 1.0)
+            return n, time.perf_counter() - t0
+        while n < tokens:
+            x, y = next(self.batches)
+            loss, k = lm_loss(self.model, x, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            n += k  # lm_loss counts real targets only
+        return n, time.perf_counter() - t0
+
+
+def _raw_epoch(seqs, batch: int, seed: int, epoch: int):
+    import numpy as np
+
+    from keyboard.batches import bucketed_order
+
+    rng = np.random.default_rng([seed, epoch])
+    for idx in bucketed_order(np.array([len(s) for s in seqs]), batch, rng):
+        yield [seqs[i] for i in idx]
+
+
+def run(args: argparse.Namespace) -> None:
+    """Measure and print both throughputs and their ratio."""
+    import torch
+
+    from fedkey.fl_stage import build_simulation
+
+    mcfg = C.from_args(C.ModelConfig, args)
+    fcfg = C.from_args(FLConfig, args)
+    fcfg = C.build(FLConfig, None, {**C.to_dict(fcfg), "eval_every": 0, "max_tokens": 10**12})
+    shards, tok = P.load_prepared(args.run_dir)
+    seqs = P.encode_split(shards, tok, "train", fcfg.max_len)
+    central = _Central(seqs, tok.vocab_size, mcfg, fcfg.batch_size, fcfg.seed, False)
+    same = _Central(seqs, tok.vocab_size, mcfg, fcfg.batch_size, fcfg.seed, True) if args.same_math else None
+    chunk = max(1, args.tokens // args.repeats)
+    totals = {"central": [0, 0.0], "fl": [0, 0.0], "same": [0, 0.0]}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedkey-bench-fl-") as tmp:
+        sim, _, _ = build_simulation(args.run_dir, mcfg, fcfg, FleetConfig(), Path(tmp))
+        sim.checkpoint()
+        central.train(2_000)  # warm-up of both, untimed
+        sim.run_round()
+        threads = torch.get_num_threads()
+        for rep in range(args.repeats):
+            n_c, s_c = central.train(chunk)
+            t0, n_f, rounds = time.perf_counter(), 0, 0
+            while n_f < chunk:
+                n_f += sim.run_round()["tokens"]
+                rounds += 1
+            s_f = time.perf_counter() - t0
+            row = {"central_tokens_per_s": n_c / s_c, "fl_tokens_per_s": n_f / s_f, "fl_rounds": rounds}
+            for key, n, s in (("central", n_c, s_c), ("fl", n_f, s_f)):
+                totals[key][0] += n
+                totals[key][1] += s
+            if same is not None:
+                n_s, s_s = same.train(chunk)
+                totals["same"][0] += n_s
+                totals["same"][1] += s_s
+                row["central_same_math_tokens_per_s"] = n_s / s_s
+            row["ratio"] = row["fl_tokens_per_s"] / row["central_tokens_per_s"]
+            rows.append(row)
+            console.print(f"chunk {rep + 1}/{args.repeats}: central {row['central_tokens_per_s']:,.0f} tok/s, "
+                          f"federated {row['fl_tokens_per_s']:,.0f} tok/s ({rounds} rounds), ratio {row['ratio']:.2f}")
+    c_rate = totals["central"][0] / totals["central"][1]
+    f_rate = totals["fl"][0] / totals["fl"][1]
+    out = {"central_tokens_per_s": c_rate, "fl_tokens_per_s": f_rate, "ratio": f_rate / c_rate,
+           "tokens_each": totals["central"][0], "fl_tokens": totals["fl"][0], "batch_size": fcfg.batch_size,
+           "clients_per_round": fcfg.clients_per_round, "executor": fcfg.executor,
+           "torch_threads": threads, "load_avg_1min": os.getloadavg()[0], "chunks": rows}
+    if same is not None:
+        out["central_same_math_tokens_per_s"] = totals["same"][0] / totals["same"][1]
+    console.print(f"centralized {c_rate:,.0f} real tokens/s, federated {f_rate:,.0f} real tokens/s: "
+                  f"ratio {f_rate / c_rate:.2f} (batch {fcfg.batch_size} messages, {fcfg.clients_per_round} clients/round, "
+                  f"{fcfg.executor} executor, {threads} threads, load average {out['load_avg_1min']:.1f})")
+    if same is not None:
+        console.print(f"centralized through the federated step's code: {out['central_same_math_tokens_per_s']:,.0f} tokens/s")
+    if args.json:
+        write_json(args.json, out)

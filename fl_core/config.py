@@ -1,0 +1,100 @@
+"""Typed settings of federated training ([fl]) and of the simulated device fleet ([fleet])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedkey.errors import FedkeyError
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+SERVER_OPTS = ("sgd", "adam", "yogi", "adagrad")
+COMPRESSORS = ("none", "int8", "topk")
+
+
+@dataclass
+class FLConfig:
+    """Federated averaging: budget, client and server optimizers, communication, evaluation."""
+
+    SECTION = "fl"
+    seed: int = _f(0, "seed for init, client sampling, local batch order, fleet and compression")
+    max_tokens: int = _f(3_000_000, "stop after clients trained on this many real (non-padding) tokens")
+    max_rounds: int = _f(0, "also stop after this many rounds (0: no limit)")
+    clients_per_round: int = _f(16, "reports the server waits for each round (N)")
+    local_epochs: int = _f(1, "passes a client makes over its (capped) data per round (E)")
+    batch_size: int = _f(16, "messages per local step (B)")
+    max_messages: int = _f(64, "a client trains on a fresh random sample of at most this many messages per round")
+    max_len: int = _f(64, "longer messages are cut to this many pieces")
+    weighting: str = _f("tokens", "weight of a client's update in the mean: tokens | examples | uniform")
+    client_lr: float = _f(1.0, "client SGD learning rate (cosine decay to 10% over max_tokens)")
+    client_clip: float = _f(1.0, "per-step gradient norm clip on the client (0: off)")
+    server_opt: str = _f("adam", "server optimizer: sgd (lr 1 = plain FedAvg) | adam | yogi | adagrad")
+    server_lr: float = _f(0.01, "server learning rate")
+    server_momentum: float = _f(0.0, "heavy-ball momentum of the sgd server optimizer")
+    beta1: float = _f(0.9, "first-moment decay of adam/yogi")
+    beta2: float = _f(0.99, "second-moment decay of adam/yogi")
+    tau: float = _f(1e-3, "adaptivity (epsilon) of adam/yogi/adagrad, Reddi et al. 2021")
+    warmup_rounds: int = _f(0, "linear server learning-rate warm-up over this many rounds")
+    local_params: str = _f("", "comma-separated parameter names/globs kept on each client, never averaged (FedPer)")
+    client_store: str = _f("memory", "where per-client state lives: memory | disk (FedPer params, error feedback)")
+    compress: str = _f("none", "uplink compression: none | int8 (stochastic rounding) | topk (error feedback)")
+    topk_frac: float = _f(0.01, "fraction of coordinates a topk client uploads")
+    sit_out_norm: float = _f(0.0, "a client whose update norm is below this does not upload (0: off)")
+    executor: str = _f("threads", "how clients run: threads (one client per core) | sequential | lanes (batched)")
+    workers: int = _f(0, "worker threads of the threads executor (0: one per core)")
+    lanes: int = _f(8, "clients stacked in one batched computation by the lanes executor")
+    eval_every: int = _f(10, "evaluate every this many rounds (0: only at the end)")
+    eval_positions: int = _f(2000, "word positions sampled for the evaluations during training")
+    threads: int = _f(0, "torch threads (0: all cores)")
+
+    def __post_init__(self) -> None:
+        if self.server_opt not in SERVER_OPTS:
+            raise FedkeyError(f"[fl].server_opt {self.server_opt!r}: choose one of {', '.join(SERVER_OPTS)}")
+        if self.compress not in COMPRESSORS:
+            raise FedkeyError(f"[fl].compress {self.compress!r}: choose one of {', '.join(COMPRESSORS)}")
+        if self.executor not in ("threads", "sequential", "lanes"):
+            raise FedkeyError(f"[fl].executor {self.executor!r}: choose threads, sequential or lanes")
+        if self.weighting not in ("tokens", "examples", "uniform"):
+            raise FedkeyError(f"[fl].weighting {self.weighting!r}: choose tokens, examples or uniform")
+        if self.client_store not in ("memory", "disk"):
+            raise FedkeyError(f"[fl].client_store {self.client_store!r}: choose memory or disk")
+        for name in ("clients_per_round", "local_epochs", "batch_size", "max_messages", "lanes", "max_len"):
+            if getattr(self, name) < 1:
+                raise FedkeyError(f"[fl].{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.topk_frac <= 1:
+            raise FedkeyError(f"[fl].topk_frac must be in (0, 1], got {self.topk_frac}")
+
+    def local_patterns(self) -> list[str]:
+        """The FedPer local-parameter patterns as a list."""
+        return [p.strip() for p in self.local_params.split(",") if p.strip()]
+
+
+@dataclass
+class FleetConfig:
+    """What real device fleets do to a round: availability, speed, deadline, over-selection, dropouts."""
+
+    SECTION = "fleet"
+    availability: bool = _f(True, "clients are eligible only while charging on unmetered network (diurnal trace)")
+    overselect: float = _f(1.3, "select this many times N clients; keep the first N that report in time")
+    dropout: float = _f(0.0, "probability a selected client drops out mid-round")
+    deadline_s: float = _f(600.0, "round deadline in simulated seconds (reports after it are late)")
+    device_tokens_per_s: float = _f(300.0, "median on-device training speed (tokens/s)")
+    speed_sigma: float = _f(0.6, "log-normal spread of device speeds")
+    uplink_mbps: float = _f(5.0, "median uplink bandwidth (Mbit/s)")
+    downlink_mbps: float = _f(20.0, "median downlink bandwidth (Mbit/s)")
+    bandwidth_sigma: float = _f(0.8, "log-normal spread of bandwidths")
+    night_hours: float = _f(8.0, "mean length of the nightly charging window (hours)")
+    day_plug_prob: float = _f(0.05, "chance a device is charging on wifi in any given daytime hour")
+    min_clients: int = _f(1, "a round with fewer usable reports is skipped (the model is unchanged)")
+
+    def __post_init__(self) -> None:
+        if self.overselect < 1.0:
+            raise FedkeyError(f"[fleet].overselect must be >= 1.0, got {self.overselect}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FedkeyError(f"[fleet].dropout must be in [0, 1), got {self.dropout}")
+        if self.deadline_s <= 0:
+            raise FedkeyError(f"[fleet].deadline_s must be positive, got {self.deadline_s}")
