@@ -112,9 +112,9 @@ def _train_legacy(msg: Message, context: Context) -> Message:
     """SecAgg+ path: the weighted mean of this node's user updates as one legacy FitRes."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     c = fitins.config
-    shared = torch.from_numpy(parameters_to_ndarrays(fitins.parameters)[0].copy())
+    arrays = [torch.from_numpy(a.copy()) for a in parameters_to_ndarrays(fitins.parameters)]
     ins = TrainIns(int(c["round"]), float(c["client_lr"]), json.loads(str(c["users"])), json.loads(str(c["idx"])),
-                   shared, None)
+                   arrays[0], arrays[1] if len(arrays) > 1 else None)
     job, sim, reports = _train(context, ins)
     total = np.zeros(sim.spec.n_shared, dtype=np.float64)
     weight = 0

@@ -169,7 +169,10 @@ def run_secagg_rounds(grid: Grid, context: Context, driver: RoundDriver, holder,
         strategy.mean, strategy.reports = None, []
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: driver.round + 1, Key.START_TIME: time.time()})
-        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([sim.state.params.numpy()])
+        arrays = [sim.state.params.numpy()]
+        if sim.spec.n_total > sim.spec.n_shared:  # FedPer: the local parameters' starting values ride along
+            arrays.append(sim.init_local.numpy())
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(arrays)
         workflow(grid, legacy)
         got = {r.user for r in strategy.reports}
         failed = sum(1 for i in selected if driver.population[i] not in got)
