@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fl_core.privacy.secagg import FixedPoint, SecAggError, secure_sum, threshold_for
 from fl_core.privacy.secagg.prg import add_masks, derive_key, keystream
-from fl_core.privacy.secagg.protocol import SecAggClient, SecAggServer
+from fl_core.privacy.secagg.protocol import SecAggClient, SecAggServer, peer_graph
 
 
 def _updates(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -143,8 +143,9 @@ def test_masks_are_the_aes_ctr_keystream_and_pair_masks_cancel():
 
 def test_a_client_never_answers_two_unmasking_requests():
     n, t, session = 4, 3, bytes(16)
-    clients = {c: SecAggClient(c, n, t, session) for c in range(1, n + 1)}
-    server = SecAggServer(n, t, 10, np.uint32, session)
+    peers = peer_graph(n, 0, session)
+    clients = {c: SecAggClient(c, peers, t, session) for c in range(1, n + 1)}
+    server = SecAggServer(peers, t, 10, np.uint32, session)
     adverts = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
     inbox = server.route_shares({c: cl.share_keys(adverts) for c, cl in clients.items()})
     for c in (1, 2, 3, 4):
@@ -152,3 +153,31 @@ def test_a_client_never_answers_two_unmasking_requests():
     clients[1].unmask([1, 2, 3, 4])
     with pytest.raises(SecAggError, match="twice"):
         clients[1].unmask([1, 2, 3])  # would reveal client 4's s-key share on top of its self-mask share
+
+
+def test_secagg_plus_neighbourhoods_sum_exactly_and_share_only_with_peers():
+    n, k = 14, 6  # 7 share holders per client, threshold 5: any two of them may drop
+    x = _updates(n, 1000, seed=5)
+    fp = FixedPoint(0.1, n)
+    enc = [fp.encode(v)[0] for v in x]
+    held: list = []
+    rep = secure_sum(enc, drop_after_shares=[3], drop_before_unmask=[8], neighbors=k, session=bytes(16),
+                     observer=lambda kind, obj: held.append((kind, obj)))
+    alive = [i for i in range(n) if i != 3]
+    assert rep.survivors == alive and rep.threshold == threshold_for(k + 1)
+    assert np.abs(fp.decode(rep.total) - x[alive].astype(np.float64).sum(0)).max() <= n * fp.step / 2 + 1e-12
+    peers = peer_graph(n, k, bytes(16))
+    assert all(len(p) == k and all(u in peers[v] for v in p) for u, p in peers.items())  # k-regular, symmetric
+    sent = next(obj for kind, obj in held if kind == "shares")
+    assert all(set(cts) == set(peers[u]) for u, cts in sent.items())  # work and bytes grow with k, not n
+    assert rep.client_up_bytes[0] < secure_sum(enc).client_up_bytes[0]
+
+
+def test_secagg_plus_fails_cleanly_when_a_neighbourhood_loses_too_many():
+    n, k = 12, 4
+    fp = FixedPoint(0.1, n)
+    enc = [fp.encode(v)[0] for v in _updates(n, 100, seed=6)]
+    peers = peer_graph(n, k, bytes(16))
+    victim_peers = [v - 1 for v in peers[1]][:3]  # 3 of client 1's 4 peers drop: 2 of its 5 holders remain
+    with pytest.raises(SecAggError, match="at least 4 are needed"):
+        secure_sum(enc, drop_after_shares=victim_peers, neighbors=k, session=bytes(16))

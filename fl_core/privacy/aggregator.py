@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fedkey.errors import FedkeyError
+from fl_core.aggregate import AggregateResult, RoundAbandoned
 from fl_core.privacy.accounting import PrivacyAccountant, Sampling
 from fl_core.privacy.config import PrivacyConfig
 from fl_core.privacy.dp import AdaptiveClip, clip_updates, gaussian, update_noise_multiplier
@@ -34,16 +34,6 @@ from fl_core.privacy.robust import screen, sum_out_of_range
 from fl_core.privacy.secagg import FixedPoint, SecAggError, secure_sum, threshold_for
 
 log = logging.getLogger("fedkey.privacy")
-
-
-@dataclass
-class RoundResult:
-    """The averaged update for the server optimizer, and what happened on the way."""
-
-    mean: np.ndarray
-    n_used: int
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class PrivateAggregator:
@@ -83,7 +73,7 @@ class PrivateAggregator:
         return self.accountant.epsilon(self.rounds + 1) <= self.cfg.target_epsilon
 
     def aggregate(self, updates: Sequence[np.ndarray] | np.ndarray, weights: Sequence[float],
-                  ids: Sequence[str] | None = None, n_dropped: int = 0) -> RoundResult:
+                  ids: Sequence[str] | None = None, n_dropped: int = 0) -> AggregateResult:
         """Aggregate one round. `n_dropped`: clients that joined the round's secure aggregation but never reported.
 
         A round in which secure aggregation cannot recover the sum raises SecAggError and
@@ -94,7 +84,7 @@ class PrivateAggregator:
         n = len(scr.kept)
         info: dict[str, Any] = {"rejected": len(scr.rejected)}
         if n == 0 and not cfg.dp:
-            raise FedkeyError("no acceptable update this round: every update was rejected "
+            raise RoundAbandoned("no acceptable update this round: every update was rejected "
                               f"({'; '.join(why for _, why in scr.rejected) or 'none sent'})")
         if cfg.dp:
             x, norms = clip_updates(scr.updates, self.clip)
@@ -123,7 +113,7 @@ class PrivateAggregator:
             info["epsilon"] = self.epsilon()
         else:
             mean = total / total_w
-        return RoundResult(mean.astype(np.float32), n, scr.rejected, info)
+        return AggregateResult(mean.astype(np.float32), n, scr.rejected, info)
 
     def _secure_sum(self, x: np.ndarray, w: np.ndarray, within: np.ndarray, n_dropped: int, noise_std: float,
                     info: dict[str, Any]) -> tuple[np.ndarray, float, float]:
@@ -153,7 +143,8 @@ class PrivateAggregator:
             clamped += c
         encode_s = time.perf_counter() - t0
         encoded += [np.zeros(self.dim + 2, fp.dtype)] * n_dropped  # dropped clients' inputs are never sent
-        rep = secure_sum(encoded, cfg.secagg_dropout, drop_after_shares=range(len(w), n))
+        rep = secure_sum(encoded, cfg.secagg_dropout, drop_after_shares=range(len(w), n),
+                         neighbors=cfg.secagg_neighbors)
         s = fp.decode(rep.total)
         if cfg.robust:  # the server cannot screen masked inputs one by one; it can check the sum's range
             norm_bound = (self.clip if cfg.dp else cfg.max_norm or bound * np.sqrt(self.dim)) + \

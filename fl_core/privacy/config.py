@@ -10,8 +10,8 @@ from typing import Any
 from fedkey.errors import FedkeyError
 
 
-def _f(default: Any, help: str, flag: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "flag": flag})
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -37,6 +37,9 @@ class PrivacyConfig:
     noise_seed: int = _f(0, "seed of the DP noise, for reproducible runs; -1 draws it from the OS (deployments)")
     secagg: bool = _f(False, "secure aggregation: the server sees only masked updates and their sum")
     secagg_dropout: float = _f(1 / 3, "fraction of a round's clients that may drop out with the sum still recovered")
+    secagg_neighbors: int = _f(0, "0: every client masks with every other (Bonawitz et al. 2017); K: only with K "
+                                  "random peers (SecAgg+, Bell et al. 2020): cost grows with K, not the round size, "
+                                  "and the dropout tolerance holds per neighbourhood")
     secagg_bits: int = _f(32, "ring size 2^bits of the fixed-point encoding: 32, or 16 (half the upload, coarser)")
     secagg_range: float = _f(0.0, "per-coordinate clamp of an encoded update (0: the DP clip, else --max-norm, "
                                   "else 1.0)")
@@ -66,10 +69,16 @@ class PrivacyConfig:
 
 
 def add_privacy_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per field: switches (--dp, --secagg, --robust, ...) take no value; the rest take one."""
+    """One flag per field: switches (--dp, --secagg, --robust, ...) take no value; the rest take one.
+
+    A flag the parser already has is shared, not redefined: `fedkey train --secagg` means secure
+    aggregation on every engine (this package's Bonawitz protocol locally, Flower's SecAgg+ on Flower).
+    """
     group = parser.add_argument_group("privacy settings (also from --config TOML, table privacy)")
     for f in dataclasses.fields(PrivacyConfig):
         flag = "--" + f.name.replace("_", "-")
+        if flag in parser._option_string_actions:
+            continue
         help_ = f.metadata["help"]
         if f.type in (bool, "bool"):
             group.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fl_core.privacy.secagg.protocol import Observer, SecAggClient, SecAggError, SecAggServer
+from fl_core.privacy.secagg.protocol import Observer, SecAggClient, SecAggError, SecAggServer, peer_graph
 
 _ID = 4  # bytes of a client id on the wire
 
@@ -54,8 +54,12 @@ class SecAggReport:
 
 def secure_sum(inputs: Sequence[np.ndarray], dropout_tolerance: float = 1 / 3,
                drop_after_shares: Collection[int] = (), drop_before_unmask: Collection[int] = (),
-               observer: Observer | None = None, session: bytes | None = None) -> SecAggReport:
+               observer: Observer | None = None, session: bytes | None = None, neighbors: int = 0) -> SecAggReport:
     """Run the protocol over n encoded inputs (ring vectors of one dtype); dropouts are 0-based client indices.
+
+    `neighbors`: 0 masks and shares between every pair (Bonawitz et al. 2017); k > 0 only between
+    the k peers of a random k-regular graph (SecAgg+), with the threshold taken over each
+    client's k + 1 share holders, so the dropout tolerance holds per neighbourhood.
 
     `drop_after_shares`: the client completes key advertisement and sharing, then never sends its input.
     `drop_before_unmask`: the client sends its masked input but does not answer the unmasking request.
@@ -65,8 +69,9 @@ def secure_sum(inputs: Sequence[np.ndarray], dropout_tolerance: float = 1 / 3,
     if n < 2:
         raise SecAggError("secure aggregation needs at least 2 clients in a round")
     dim, dtype = inputs[0].shape[0], inputs[0].dtype
-    t = threshold_for(n, dropout_tolerance)
     session = session or os.urandom(16)
+    peers = peer_graph(n, neighbors, session)
+    t = threshold_for(len(peers[1]) + 1, dropout_tolerance)
     cids = range(1, n + 1)
     gone_2, gone_3 = {i + 1 for i in drop_after_shares}, {i + 1 for i in drop_before_unmask}
     c_time = dict.fromkeys(cids, 0.0)
@@ -87,15 +92,15 @@ def secure_sum(inputs: Sequence[np.ndarray], dropout_tolerance: float = 1 / 3,
             c_time[who] += dt
         return out
 
-    server = SecAggServer(n, t, dim, dtype, session, observer)
-    clients = {c: timed("keys", c, SecAggClient, c, n, t, session) for c in cids}
+    server = SecAggServer(peers, t, dim, dtype, session, observer, min_survivors=threshold_for(n, dropout_tolerance))
+    clients = {c: timed("keys", c, SecAggClient, c, peers, t, session) for c in cids}
     adverts = {c: timed("keys", c, clients[c].advertise_keys) for c in cids}
     for c in cids:
         up[c] += 64
     adverts = timed("keys", None, server.collect_keys, adverts)
     sent = {}
     for c in cids:
-        down[c] += len(adverts) * (64 + _ID)
+        down[c] += sum(1 for v in peers[c] if v in adverts) * (64 + _ID)
         sent[c] = timed("share", c, clients[c].share_keys, adverts)
         up[c] += sum(len(ct) + _ID for ct in sent[c].values())
     inbox = timed("share", None, server.route_shares, sent)
