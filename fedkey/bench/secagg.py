@@ -55,9 +55,10 @@ class _Recorder:
 
     def aggregate(self, updates, weights, ids=None, n_dropped=0):
         """Aggregate in the clear and remember what was aggregated."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = self.inner.aggregate(updates, weights, ids, n_dropped)
-        self.seconds, self.updates, self.weights, self.mean = time.perf_counter() - t0, updates, weights, res.mean
+        self.seconds, self.cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        self.updates, self.weights, self.mean = updates, weights, res.mean
         return res
 
     def state_dict(self) -> dict:
@@ -81,7 +82,9 @@ def _plain_round(run_dir: Path, mcfg: C.ModelConfig, fl: FLConfig, n: int, tmp: 
     rec = _Recorder(sim.spec.n_shared)
     sim.aggregator = rec
     sim.checkpoint()  # the round-0 checkpoint a fresh run writes first is not part of the round
+    c0 = time.process_time()
     log = sim.run_round()
+    log["cpu_s"] = time.process_time() - c0
     if log["completed"] != n:
         raise FedkeyError(f"the engine ran {log['completed']} of {n} clients; the round cannot be compared")
     return log, rec
@@ -115,14 +118,16 @@ def run(args: argparse.Namespace) -> None:
             log, rec = _plain_round(args.run_dir, mcfg, fl, n, Path(tmp))
             dim = rec.updates[0].shape[0]
             row = {"clients": n, "params": dim, "tokens": log["tokens"], "round_s": log["wall_s"],
-                   "train_s": log["train_s"], "plain_agg_s": rec.seconds}
+                   "round_cpu_s": log["cpu_s"], "train_s": log["train_s"], "plain_agg_s": rec.seconds,
+                   "plain_agg_cpu_s": rec.cpu_s}
             for k in ks:
                 cfg = PrivacyConfig(secagg=True, secagg_bits=args.bits, secagg_range=args.range, secagg_neighbors=k)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 res = PrivateAggregator(cfg, dim).aggregate(rec.updates, rec.weights)
-                sec_s = time.perf_counter() - t0
+                sec_s, sec_cpu = time.perf_counter() - t0, time.process_time() - c0
                 tag = "" if k == 0 else f"_k{k}"
-                row.update({f"secagg_agg_s{tag}": sec_s, f"max_abs_error{tag}": float(np.abs(res.mean - rec.mean).max()),
+                row.update({f"secagg_agg_s{tag}": sec_s, f"secagg_agg_cpu_s{tag}": sec_cpu,
+                            f"max_abs_error{tag}": float(np.abs(res.mean - rec.mean).max()),
                             **{f"{key}{tag}": v for key, v in _costs(res.info, n, dim).items()}})
             if n == drop_at and args.dropout > 0:
                 gone = int(args.dropout * n)
@@ -157,13 +162,18 @@ def _summary(rows: list[dict], ks: list[int], args: argparse.Namespace, fl: FLCo
         plain = [r["round_s"] for r in rows]
         secure = [r["round_s"] - r["plain_agg_s"] + r[f"secagg_agg_s{tag}"] for r in rows]
         at50 = next((i for i, r in enumerate(rows) if r["clients"] == 50), None)
+        plain_cpu = [r["round_cpu_s"] for r in rows]
+        secure_cpu = [r["round_cpu_s"] - r["plain_agg_cpu_s"] + r[f"secagg_agg_cpu_s{tag}"] for r in rows]
         return {"secagg_round_s": secure, "slowdown": [s / p for s, p in zip(secure, plain)],
+                "secagg_round_cpu_s": secure_cpu, "slowdown_cpu": [s / p for s, p in zip(secure_cpu, plain_cpu)],
+                "slowdown_cpu_50": secure_cpu[at50] / plain_cpu[at50] if at50 is not None else None,
                 "agg_slowdown": [r[f"secagg_agg_s{tag}"] / r["plain_agg_s"] for r in rows],
                 "slowdown_50": secure[at50] / plain[at50] if at50 is not None else None,
                 "agg_slowdown_50": (rows[at50][f"secagg_agg_s{tag}"] / rows[at50]["plain_agg_s"]
                                     if at50 is not None else None)}
 
-    out = {"clients": [r["clients"] for r in rows], "plain_round_s": [r["round_s"] for r in rows], **series(""),
+    out = {"clients": [r["clients"] for r in rows], "plain_round_s": [r["round_s"] for r in rows],
+           "plain_round_cpu_s": [r["round_cpu_s"] for r in rows], **series(""),
            "secagg_plus": {str(k): series(f"_k{k}") for k in ks if k},
            "params": rows[0].get("params"), "bits": args.bits, "executor": fl.executor,
            "round": "one fl_core.simulation round: selection, data, local training, codec, aggregation, server "
@@ -173,42 +183,48 @@ def _summary(rows: list[dict], ks: list[int], args: argparse.Namespace, fl: FLCo
 
 
 def _table(rows: list[dict], out: dict):
-    """Round time (the headline), SecAgg+ if asked, then per-client and server cost."""
+    """Round time (the headline, wall and CPU), aggregation alone, SecAgg+ if asked, then bytes."""
     from rich.console import Group
     from rich.table import Table
 
-    t = Table(title=f"one engine round, {out['params']:,} params, {out['bits']}-bit ring (seconds, one process)")
-    for col in ("clients", "local train", "plain round", "secagg round", "slowdown", "plain agg", "secagg agg",
-                "agg slowdown"):
-        t.add_column(col, justify="right")
+    def table(title: str, cols: tuple[str, ...]) -> Table:
+        t = Table(title=title)
+        for col in cols:
+            t.add_column(col, justify="right")
+        return t
+
+    t = table(f"one engine round, {out['params']:,} params, {out['bits']}-bit ring, all pairs (seconds)",
+              ("clients", "plain", "secagg", "slowdown", "plain CPU", "secagg CPU", "CPU slowdown"))
     for i, r in enumerate(rows):
-        p, s = out["plain_round_s"][i], out["secagg_round_s"][i]
-        t.add_row(str(r["clients"]), f"{r['train_s']:.1f}", f"{p:.1f}", f"{s:.1f}", f"{s / p:.2f}x",
-                  f"{r['plain_agg_s']:.3f}", f"{r['secagg_agg_s']:.2f}", f"{r['secagg_agg_s'] / r['plain_agg_s']:.0f}x")
+        t.add_row(str(r["clients"]), f"{out['plain_round_s'][i]:.1f}", f"{out['secagg_round_s'][i]:.1f}",
+                  f"{out['slowdown'][i]:.2f}x", f"{out['plain_round_cpu_s'][i]:.1f}",
+                  f"{out['secagg_round_cpu_s'][i]:.1f}", f"{out['slowdown_cpu'][i]:.2f}x")
+    t.caption = "CPU: seconds of CPU this process used (all threads), steadier than wall time on a shared machine"
+    a = table("aggregation alone (seconds)", ("clients", "plain", "secagg", "slowdown", "encode", "client mean",
+                                              "client max", "server"))
+    for r in rows:
+        a.add_row(str(r["clients"]), f"{r['plain_agg_s']:.3f}", f"{r['secagg_agg_s']:.2f}",
+                  f"{r['secagg_agg_s'] / r['plain_agg_s']:.0f}x", f"{r['encode_s']:.2f}", f"{r['client_s_mean']:.3f}",
+                  f"{r['client_s_max']:.3f}", f"{r['server_s']:.2f}")
     drop = [r for r in rows if "dropped" in r]
+    a.caption = "client: one device's protocol compute (keys, Shamir shares, masks, unmasking)"
     if drop:
-        r = drop[0]
-        t.caption = (f"{r['clients']} clients with {r['dropped']} dropped after sharing keys: secagg agg "
-                     f"{r['secagg_dropout_agg_s']:.2f} s (vs {r['secagg_agg_s']:.2f} s with none)")
-    parts = [t]
+        a.caption += (f"; {drop[0]['clients']} clients with {drop[0]['dropped']} dropped after sharing keys: "
+                      f"secagg {drop[0]['secagg_dropout_agg_s']:.2f} s")
+    parts = [t, a]
     for k, ser in out["secagg_plus"].items():
-        q = Table(title=f"SecAgg+ with {k} peers per client (same rounds)")
-        for col in ("clients", "secagg agg", "secagg round", "slowdown", "client s mean", "server s"):
-            q.add_column(col, justify="right")
+        q = table(f"SecAgg+ with {k} peers per client (same rounds)",
+                  ("clients", "secagg agg", "secagg round", "slowdown", "CPU slowdown", "client mean", "server"))
         for i, r in enumerate(rows):
             q.add_row(str(r["clients"]), f"{r[f'secagg_agg_s_k{k}']:.2f}", f"{ser['secagg_round_s'][i]:.1f}",
-                      f"{ser['slowdown'][i]:.2f}x", f"{r[f'client_s_mean_k{k}']:.3f}", f"{r[f'server_s_k{k}']:.2f}")
+                      f"{ser['slowdown'][i]:.2f}x", f"{ser['slowdown_cpu'][i]:.2f}x", f"{r[f'client_s_mean_k{k}']:.3f}",
+                      f"{r[f'server_s_k{k}']:.2f}")
         parts.append(q)
-    c = Table(title="cost per client (one device) and for the server, all pairs")
-    for col in ("clients", "client s mean", "client s max", "server s", "client up MB", "plain up MB",
-                "client down KB", "server in MB"):
-        c.add_column(col, justify="right")
+    b = table("bytes per round, all pairs", ("clients", "client up MB", "plain up MB", "client down KB", "server in MB"))
     for r in rows:
-        c.add_row(str(r["clients"]), f"{r['client_s_mean']:.3f}", f"{r['client_s_max']:.3f}", f"{r['server_s']:.2f}",
-                  f"{r['client_up_bytes'] / 1e6:.3f}", f"{r['plain_client_up_bytes'] / 1e6:.3f}",
+        b.add_row(str(r["clients"]), f"{r['client_up_bytes'] / 1e6:.3f}", f"{r['plain_client_up_bytes'] / 1e6:.3f}",
                   f"{r['client_down_bytes'] / 1e3:.1f}", f"{r['server_in_bytes'] / 1e6:.0f}")
-    c.caption = "client s: that device's protocol compute (keys, shares, masks, unmask; encoding not included)"
-    parts.append(c)
+    parts.append(b)
     return Group(*parts)
 
 

@@ -132,13 +132,11 @@ class PrivateAggregator:
         t0 = time.perf_counter()
         encoded, clamped = [], 0
         for i in range(len(w)):
-            v = np.empty(self.dim + 2)
-            v[:self.dim] = x[i]
-            if client_noise:
-                v[:self.dim] += gaussian(self.rng, self.dim, client_noise)
-            v[:self.dim] *= w[i] / scale_w
-            v[self.dim:] = (w[i] / scale_w, within[i] + (self.rng.normal(0, count_noise) if count_noise else 0.0))
-            e, c = fp.encode(v, rounding)
+            e = np.empty(self.dim + 2, fp.dtype)
+            xi = x[i] + gaussian(self.rng, self.dim, client_noise).astype(np.float32) if client_noise else x[i]
+            _, c = fp.encode(xi, rounding, factor=w[i] / scale_w, out=e[:self.dim])
+            extra = (w[i] / scale_w, within[i] + (self.rng.normal(0, count_noise) if count_noise else 0.0))
+            fp.encode(np.array(extra), rounding, out=e[self.dim:])
             encoded.append(e)
             clamped += c
         encode_s = time.perf_counter() - t0

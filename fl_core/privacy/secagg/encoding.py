@@ -56,23 +56,27 @@ class FixedPoint:
         """Resolution of one encoded value."""
         return 1.0 / self.scale
 
-    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
-        """Clamp to [-R, R], scale and round (stochastically when rng is given); returns (ring vector, #clamped)."""
+    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None, factor: float = 1.0,
+               out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Clamp factor * x to [-R, R], scale and round (stochastically when rng is given) into `out` or a new
+        ring vector; returns (ring vector, number of clamped coordinates)."""
         x = np.asarray(x)
         if not np.isfinite(x).all():
             raise FedkeyError("secure aggregation: cannot encode a non-finite update (reject it before encoding)")
-        n_clamped = int(np.count_nonzero(np.abs(x) > self.bound))
         q = x.astype(np.float64)  # float32 cannot hold 2^31 / n distinct levels
-        np.clip(q, -self.bound, self.bound, out=q)
-        np.multiply(q, self.scale, out=q)
+        q *= factor * self.scale
+        n_clamped = int(np.count_nonzero(np.abs(q) > self.levels))
         if rng is None:
             np.rint(q, out=q)
         else:  # unbiased: round up with probability equal to the fractional part
             q += rng.random(q.shape)
             np.floor(q, out=q)
-        np.clip(q, -self.levels, self.levels, out=q)  # float rounding at the edge must not break the bound
+        np.clip(q, -self.levels, self.levels, out=q)  # the clamp, in integer units: n * levels cannot wrap
         signed, unsigned = _DTYPES[self.bits][1], _DTYPES[self.bits][0]
-        return q.astype(signed).view(unsigned), n_clamped  # two's complement = the residue mod 2^bits
+        if out is None:
+            return q.astype(signed).view(unsigned), n_clamped  # two's complement = the residue mod 2^bits
+        out.view(signed)[...] = q
+        return out, n_clamped
 
     def decode(self, total: np.ndarray) -> np.ndarray:
         """Ring sum -> float64 sum (valid when at most n_clients clamped values were summed)."""
