@@ -42,6 +42,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per simulated ClientApp (Flower's default: 2)")
     p.add_argument("--engines", default="local,flower-sim,flower", help="which engines to run (comma-separated)")
     p.add_argument("--seed", type=int, default=0, help="seed of init, sampling and batches")
+    p.add_argument("--floor-steps", type=int, default=30, help="central SGD steps per timed repeat of the floor")
     C.add_flags(p, C.ModelConfig)
 
 
@@ -167,16 +168,39 @@ def run_flower(args: argparse.Namespace, work: Path, simulation: bool) -> dict[s
     return {**_round_stats(hist), "total_s": total, "peak_mib": mem.peak, "procs": mem.procs}
 
 
-def compute_floor(args: argparse.Namespace, tokens_per_round: float) -> dict[str, Any]:
-    """Seconds the round's tokens take when trained centrally in batches of the same size."""
+def compute_floor(args: argparse.Namespace, tokens_per_round: float, steps: int = 30) -> dict[str, Any]:
+    """Seconds the round's tokens take when trained centrally: SGD on batches of the same size, one model."""
+    import torch
+
     from fedkey import pipeline as P
-    from fedkey.bench.central import central_tokens_per_s
+    from keyboard.batches import iterate_epoch
+    from keyboard.model import KeyboardLM
+    from keyboard.train import lm_loss
 
     shards, tok = P.load_prepared(Path(args.run_dir))
-    ccfg = C.CentralConfig(batch_size=args.batch_size, seed=args.seed)
-    seqs = P.encode_split(shards, tok, "train", ccfg.max_len)
-    rates = central_tokens_per_s(seqs, tok.vocab_size, C.from_args(C.ModelConfig, args), ccfg, repeats=3, steps=20)
-    rate = statistics.median(rates)
+    seqs = P.encode_split(shards, tok, "train", 64)
+    torch.manual_seed(args.seed)
+    model = KeyboardLM(tok.vocab_size, C.from_args(C.ModelConfig, args))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def batches():
+        epoch = 0
+        while True:  # a small run's train split may hold fewer batches than the measurement needs
+            yield from iterate_epoch(seqs, args.batch_size, args.seed, epoch)
+            epoch += 1
+
+    it, rates = batches(), []
+    for _ in range(4):  # one warm-up, then the median of three
+        n, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            x, y = next(it)
+            loss, k = lm_loss(model, x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += k
+        rates.append(n / (time.perf_counter() - t0))
+    rate = statistics.median(rates[1:])
     return {"central_tokens_per_s": rate, "round_s": tokens_per_round / rate}
 
 
@@ -198,7 +222,7 @@ def run(args: argparse.Namespace) -> None:
         console.print(f"  {res[e]['round_s']:.2f} s/round, {res[e]['total_s']:.1f} s total, "
                       f"peak {res[e]['peak_mib']:.0f} MiB in {res[e]['procs']} processes")
     tokens = next((r["tokens_per_round"] for r in res.values()), 0)
-    floor = compute_floor(args, tokens) if tokens else {}
+    floor = compute_floor(args, tokens, args.floor_steps) if tokens else {}
     pick = {"local": "local", "flower-sim": "flower_sim", "flower": "flower_deploy"}
     for e, r in res.items():
         for k, v in r.items():
@@ -206,9 +230,44 @@ def run(args: argparse.Namespace) -> None:
     if floor:
         out["compute_floor_round_s"] = floor["round_s"]
         out["central_tokens_per_s"] = floor["central_tokens_per_s"]
+    if "local_mem_after_round_mib" in out:
+        mem = out["local_mem_after_round_mib"]
+        out["local_mem_growth_mib"] = mem[-1] - mem[0] if mem else 0.0
+    for a, b, key in (("local_round_s", "compute_floor_round_s", "local_over_floor"),
+                      ("local_round_s", "flower_sim_round_s", "local_over_flower_sim_round"),
+                      ("local_peak_mib", "flower_sim_peak_mib", "local_over_flower_sim_peak")):
+        if a in out and b in out and out[b]:
+            out[key] = out[a] / out[b]
     table(out)
     if args.json:
         write_json(args.json, out)
+        plot(out, Path(args.json).with_suffix(".png"))
+
+
+def plot(out: dict[str, Any], path: Path) -> Path:
+    """Seconds per round and peak memory per engine, side by side (PNG beside the JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(label, out.get(f"{key}_round_s"), out.get(f"{key}_peak_mib")) for key, label in
+            (("local", "in-process"), ("flower_sim", "Flower sim"), ("flower_deploy", "Flower deploy"),
+             ("compute_floor", "compute floor"))]
+    rows = [r for r in rows if r[1] is not None]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.bar([r[0] for r in rows], [r[1] for r in rows], color="tab:blue")
+    a.set_ylabel("seconds per round")
+    mem = [r for r in rows if r[2] is not None]
+    b.bar([r[0] for r in mem], [r[2] for r in mem], color="tab:orange")
+    b.set_ylabel("peak memory of the process tree (MiB)")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{out['clients']} clients/round x {out['local_steps']} local steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def table(out: dict[str, Any]) -> None:
