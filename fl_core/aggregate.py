@@ -9,7 +9,8 @@ An aggregator is any object with
 `updates` are flat float32 numpy vectors over the shared parameters (`ParamSpec.n_shared`
 long), one per reporting client, already decoded from their wire format; `weights` are the
 clients' weights (token counts by default); `ids` the client ids; `n_dropped` the clients
-that were selected and never reported (secure aggregation needs it). `.mean` is a float32
+selected this round whose update is not among `updates` (dropped mid-round, late, cut off
+or sat out; secure aggregation needs it). `.mean` is a float32
 vector of the same length: the server optimizer treats it as the round's pseudo-gradient
 (x_new = x + server_lr * mean under plain FedAvg). DP clipping and noise, secure aggregation
 and robust filtering live in their own aggregators (fl_core.privacy) with this signature.

@@ -23,6 +23,15 @@ from tests.conftest import PHRASES
 TINY_MODEL = ModelConfig(embed_dim=8, hidden=12)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread (a busy 2-core box makes 2-thread barriers slow)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_corpus(path: Path, n_users: int = 30, seed: int = 0) -> Path:
     """Users with different amounts of chat built from the shared phrases (some users write a lot)."""
     rng = random.Random(seed)
