@@ -168,8 +168,8 @@ def run_flower(args: argparse.Namespace, work: Path, simulation: bool) -> dict[s
     return {**_round_stats(hist), "total_s": total, "peak_mib": mem.peak, "procs": mem.procs}
 
 
-def compute_floor(args: argparse.Namespace, tokens_per_round: float, steps: int = 30) -> dict[str, Any]:
-    """Seconds the round's tokens take when trained centrally: SGD on batches of the same size, one model."""
+def compute_floor(args: argparse.Namespace, steps: int = 30) -> dict[str, Any]:
+    """Centralized training speed (real tokens/s): SGD on batches of the same size, one model."""
     import torch
 
     from fedkey import pipeline as P
@@ -189,19 +189,27 @@ def compute_floor(args: argparse.Namespace, tokens_per_round: float, steps: int 
             yield from iterate_epoch(seqs, args.batch_size, args.seed, epoch)
             epoch += 1
 
-    it, rates = batches(), []
-    for _ in range(4):  # one warm-up, then the median of three
-        n, t0 = 0, time.perf_counter()
-        for _ in range(steps):
-            x, y = next(it)
-            loss, k = lm_loss(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            n += k
-        rates.append(n / (time.perf_counter() - t0))
-    rate = statistics.median(rates[1:])
-    return {"central_tokens_per_s": rate, "round_s": tokens_per_round / rate}
+    it, best, threads = batches(), {}, torch.get_num_threads()
+    # the floor is the best centralized training can do here: all cores in each op, or one core (small matmuls
+    # split across loaded cores can be slower than one core alone)
+    for n_threads in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n_threads)
+        rates = []
+        for _ in range(4):  # one warm-up, then the median of three
+            n, t0 = 0, time.perf_counter()
+            for _ in range(steps):
+                x, y = next(it)
+                loss, k = lm_loss(model, x, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                n += k
+            rates.append(n / (time.perf_counter() - t0))
+        best[n_threads] = statistics.median(rates[1:])
+    torch.set_num_threads(threads)
+    n_best = max(best, key=best.get)
+    return {"central_tokens_per_s": best[n_best], "central_threads": n_best,
+            "central_tokens_per_s_by_threads": {str(k): v for k, v in best.items()}}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -211,6 +219,8 @@ def run(args: argparse.Namespace) -> None:
     out: dict[str, Any] = {"clients": args.clients, "local_steps": args.local_steps, "rounds": args.rounds,
                            "batch_size": args.batch_size, "workdir": str(work)}
     res: dict[str, dict[str, Any]] = {}
+    console.print("[bold]compute floor[/]: centralized SGD on batches of the same size ...")
+    floor = compute_floor(args, args.floor_steps)
     for e in engines:
         console.print(f"[bold]{e}[/]: {args.rounds} rounds of {args.clients} clients x {args.local_steps} steps ...")
         if e == "local":
@@ -222,14 +232,13 @@ def run(args: argparse.Namespace) -> None:
         console.print(f"  {res[e]['round_s']:.2f} s/round, {res[e]['total_s']:.1f} s total, "
                       f"peak {res[e]['peak_mib']:.0f} MiB in {res[e]['procs']} processes")
     tokens = next((r["tokens_per_round"] for r in res.values()), 0)
-    floor = compute_floor(args, tokens, args.floor_steps) if tokens else {}
     pick = {"local": "local", "flower-sim": "flower_sim", "flower": "flower_deploy"}
     for e, r in res.items():
         for k, v in r.items():
             out[f"{pick[e]}_{k}"] = v
-    if floor:
-        out["compute_floor_round_s"] = floor["round_s"]
-        out["central_tokens_per_s"] = floor["central_tokens_per_s"]
+    if tokens:  # the same real tokens a round trains, at the best centralized rate
+        out["compute_floor_round_s"] = tokens / floor["central_tokens_per_s"]
+    out.update(floor)
     if "local_mem_after_round_mib" in out:
         mem = out["local_mem_after_round_mib"]
         out["local_mem_growth_mib"] = mem[-1] - mem[0] if mem else 0.0
