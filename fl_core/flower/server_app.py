@@ -83,7 +83,8 @@ def main(grid: Grid, context: Context) -> None:
     result = {"rounds": sim.state.round, "tokens": sim.tokens, "seconds": time.perf_counter() - t0,
               "up_bytes": sim.up_total, "down_bytes": sim.down_total,
               "clients_used": sum(x["completed"] for x in h), "dropped": sum(x["dropped"] for x in h),
-              "late": sum(x["late"] for x in h), "aborted": 0, "sat_out": sum(x["sat_out"] for x in h),
+              "late": sum(x["late"] for x in h), "aborted": sum(x["aborted"] for x in h),
+              "sat_out": sum(x["sat_out"] for x in h),
               "skipped_rounds": sum(bool(x["skipped"]) for x in h), "loss": h[-1]["loss"] if h else None,
               "engine": "flower", "secagg": job.secagg, "nodes": len(nodes), "population": len(sim.population)}
     save_model(out, model, tok, config=json.loads(str(context.run_config.get("config", "{}"))), result=result)

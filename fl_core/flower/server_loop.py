@@ -225,7 +225,8 @@ class RoundDriver:
         wsum = sum(rep.n_tokens for rep in used) or 1
         entry = {"round": r + 1, "params_sha256": hashlib.sha256(sim.state.params.numpy().tobytes()).hexdigest(),
                  "selected": len(selected), "completed": len(used), "dropped": n_failed,
-                 "late": len(selected) - len(used) - n_failed, "aborted": 0, "sat_out": sat_out,
+                 # over-selection: reports past the first N are cut off, as the in-process engine counts them
+                 "late": 0, "aborted": len(selected) - len(used) - n_failed, "sat_out": sat_out,
                  "uploaded": uploaded, "skipped": mean is None, "tokens": tokens, "tokens_total": sim.tokens,
                  "loss": sum(rep.loss * rep.n_tokens for rep in used) / wsum, "client_lr": lr_c,
                  "server_lr": server_lr(cfg, r), "delta_norm": delta_norm, "down_bytes": down * len(selected),
