@@ -47,17 +47,27 @@ LOCAL, RESIDUAL = "local", "residual"
 RESUMABLE = {"threads", "eval_every", "eval_positions", "workers"}
 
 
-def client_lr(cfg: FLConfig, tokens: int) -> float:
-    """Cosine decay of the client learning rate to 10% over the token budget (as the central baseline)."""
+def decay(cfg: FLConfig, tokens: int) -> float:
+    """Cosine decay from 1 to 0.1 over the token budget (the central baseline's schedule)."""
     frac = min(1.0, tokens / max(1, cfg.max_tokens))
-    return cfg.client_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def server_lr(cfg: FLConfig, round_: int) -> float:
-    """The server learning rate with its linear warm-up."""
-    if cfg.warmup_rounds <= 0:
-        return cfg.server_lr
-    return cfg.server_lr * min(1.0, (round_ + 1) / cfg.warmup_rounds)
+def client_lr(cfg: FLConfig, tokens: int) -> float:
+    """The client learning rate after `tokens` trained tokens."""
+    return cfg.client_lr * decay(cfg, tokens)
+
+
+def server_lr(cfg: FLConfig, round_: int, tokens: int = 0) -> float:
+    """The server learning rate: linear warm-up; adaptive optimizers also decay it.
+
+    An adaptive server step is normalized by the deltas' running scale, so a smaller client
+    learning rate alone would not shrink it; plain SGD's step shrinks with the client's.
+    """
+    lr = cfg.server_lr * (decay(cfg, tokens) if cfg.server_opt != "sgd" else 1.0)
+    if cfg.warmup_rounds > 0:
+        lr *= min(1.0, (round_ + 1) / cfg.warmup_rounds)
+    return lr
 
 
 @dataclass
@@ -142,7 +152,7 @@ class Simulation:
         down = 4 * self.spec.n_shared
         plan = self.fleet.plan(r, eligible, selected, [data[i].work_tokens for i in selected], cfg.clients_per_round,
                                down, self.codec.wire_bytes())
-        lr_c = client_lr(cfg, self.tokens)
+        lr_c, lr_s = client_lr(cfg, self.tokens), server_lr(cfg, r, self.tokens)
         updates = self.train(r, plan.used, data, lr_c)
         t_train = time.perf_counter() - t0
 
@@ -173,7 +183,7 @@ class Simulation:
         if res is not None:
             info = {"rejected": len(res.rejected), **{k: v for k, v in res.info.items() if isinstance(v, (int, float))}}
             mean = torch.from_numpy(np.asarray(res.mean, dtype=np.float32))
-            self.state = server_update(self.state, mean, cfg, server_lr(cfg, r))
+            self.state = server_update(self.state, mean, cfg, lr_s)
             delta_norm = float(mean.norm())
         else:
             self.state = ServerState(self.state.params, self.state.slots, r + 1)
@@ -189,7 +199,7 @@ class Simulation:
                "sat_out": sat_out, "uploaded": len(sent), "skipped": skipped,
                "tokens": tokens, "tokens_total": self.tokens,
                "loss": sum(u.loss * u.n_tokens for u in updates) / wsum, "client_lr": lr_c,
-               "server_lr": server_lr(cfg, r), "delta_norm": delta_norm,
+               "server_lr": lr_s, "delta_norm": delta_norm,
                "down_bytes": down * len(selected), "up_bytes": up, "down_total": self.down_total,
                "up_total": self.up_total, "sim_round_s": plan.duration_s, "sim_clock_s": self.clock_s,
                "train_s": t_train, **info}

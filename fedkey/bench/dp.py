@@ -133,14 +133,18 @@ def _federated_run(run_dir: Path, init: Path, out: Path, fl: FLConfig, z: float,
             "seconds": time.perf_counter() - t0}
 
 
+MAX_Q = 0.1  # at most a tenth of the population in one round: beyond that "sampling" stops being a deployment
+
+
 def population_table(z: float, k: int, rounds: int, targets: list[float], population: int) -> list[dict[str, Any]]:
-    """Users needed for each target epsilon at the same rounds and noise on the mean (z / K) as the run."""
+    """Users needed for each target epsilon at the same rounds and noise on the mean (z C / K) as the run,
+    choosing the clients per round K' (at most MAX_Q of the users) and z' = z K' / K."""
     from fl_core.privacy.accounting import PrivacyAccountant, Sampling
 
     def best_eps(n: int) -> tuple[float, int]:
         out = (float("inf"), k)
-        for kk in (k, 2 * k, 5 * k, 10 * k, 50 * k, 100 * k, 1000 * k):
-            if kk > n / 2:
+        for kk in (k, 2 * k, 5 * k, 10 * k, 50 * k, 100 * k, 500 * k, 1000 * k, 5000 * k):
+            if kk > n * MAX_Q:
                 break
             out = min(out, (PrivacyAccountant(z * kk / k, Sampling("poisson", n, kk)).epsilon(rounds), kk))
         return out
@@ -208,8 +212,9 @@ def _table(rows: list[dict], pop: list[dict], res: dict):
         t.add_row(r["label"], eps if r["label"] != "FedAvg, no DP" else "inf",
                   "-" if not r.get("final_clip") else f"{r['final_clip']:.3g}",
                   f"{100 * r['top1']:.1f}%", f"{100 * r['top3']:.1f}%", f"{r['perplexity']:.0f}")
-    p = Table(title="users needed for the same noise on the mean and rounds (best K per population)")
-    for col in ("run z", "top-1", "target epsilon", "users", "clients/round", "z"):
+    p = Table(title="users needed for the same noise on the averaged update and rounds as each run "
+                    f"(clients per round chosen, at most {MAX_Q:.0%} of the users)")
+    for col in ("run z", "top-1", "target epsilon", "users needed", "clients/round", "z"):
         p.add_column(col, justify="right")
     for block in pop:
         for need in block["needed"]:

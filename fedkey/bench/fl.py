@@ -15,6 +15,7 @@ rows, hand-batched LSTM, SGD), to separate the engine's gains from the step's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -32,6 +33,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=60_000, help="real tokens each side trains on in total")
     p.add_argument("--repeats", type=int, default=3, help="interleaved chunks the tokens are split into")
     p.add_argument("--same-math", action="store_true", help="also time centralized training with the federated step")
+    p.add_argument("--central-threads", default="0,1",
+                   help="torch thread counts to time centralized training with (0: all cores, the trainer's default); "
+                        "`ratio` is against the first")
     C.add_flags(p, C.ModelConfig)
     C.add_flags(p, FLConfig)
 
@@ -87,6 +91,19 @@ class _Central:
         return n, time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """Run a block with n torch threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _raw_epoch(seqs, batch: int, seed: int, epoch: int):
     import numpy as np
 
@@ -108,28 +125,37 @@ def run(args: argparse.Namespace) -> None:
     fcfg = C.build(FLConfig, None, {**C.to_dict(fcfg), "eval_every": 0, "max_tokens": 10**12})
     shards, tok = P.load_prepared(args.run_dir)
     seqs = P.encode_split(shards, tok, "train", fcfg.max_len)
-    central = _Central(seqs, tok.vocab_size, mcfg, fcfg.batch_size, fcfg.seed, False)
+    counts = [int(x) for x in args.central_threads.split(",") if x.strip()]
+    centrals = {n: _Central(seqs, tok.vocab_size, mcfg, fcfg.batch_size, fcfg.seed, False) for n in counts}
     same = _Central(seqs, tok.vocab_size, mcfg, fcfg.batch_size, fcfg.seed, True) if args.same_math else None
     chunk = max(1, args.tokens // args.repeats)
-    totals = {"central": [0, 0.0], "fl": [0, 0.0], "same": [0, 0.0]}
+    totals = {"fl": [0, 0.0], "same": [0, 0.0], **{f"central{n}": [0, 0.0] for n in counts}}
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedkey-bench-fl-") as tmp:
         sim, _, _ = build_simulation(args.run_dir, mcfg, fcfg, FleetConfig(), Path(tmp))
         sim.checkpoint()
-        central.train(2_000)  # warm-up of both, untimed
-        sim.run_round()
         threads = torch.get_num_threads()
+        for n, central in centrals.items():  # warm-up of every side, untimed
+            with _threads(n or threads):
+                central.train(2_000)
+        sim.run_round()
         for rep in range(args.repeats):
-            n_c, s_c = central.train(chunk)
+            row = {}
+            for n, central in centrals.items():
+                with _threads(n or threads):
+                    n_c, s_c = central.train(chunk)
+                totals[f"central{n}"][0] += n_c
+                totals[f"central{n}"][1] += s_c
+                row[f"central_{n or threads}_threads_tokens_per_s"] = n_c / s_c
+            row["central_tokens_per_s"] = row[f"central_{counts[0] or threads}_threads_tokens_per_s"]
             t0, n_f, rounds = time.perf_counter(), 0, 0
             while n_f < chunk:
                 n_f += sim.run_round()["tokens"]
                 rounds += 1
             s_f = time.perf_counter() - t0
-            row = {"central_tokens_per_s": n_c / s_c, "fl_tokens_per_s": n_f / s_f, "fl_rounds": rounds}
-            for key, n, s in (("central", n_c, s_c), ("fl", n_f, s_f)):
-                totals[key][0] += n
-                totals[key][1] += s
+            row.update({"fl_tokens_per_s": n_f / s_f, "fl_rounds": rounds})
+            totals["fl"][0] += n_f
+            totals["fl"][1] += s_f
             if same is not None:
                 n_s, s_s = same.train(chunk)
                 totals["same"][0] += n_s
@@ -139,10 +165,13 @@ def run(args: argparse.Namespace) -> None:
             rows.append(row)
             console.print(f"chunk {rep + 1}/{args.repeats}: central {row['central_tokens_per_s']:,.0f} tok/s, "
                           f"federated {row['fl_tokens_per_s']:,.0f} tok/s ({rounds} rounds), ratio {row['ratio']:.2f}")
-    c_rate = totals["central"][0] / totals["central"][1]
+    by_threads = {n or threads: totals[f"central{n}"][0] / totals[f"central{n}"][1] for n in counts}
+    c_rate = by_threads[counts[0] or threads]
     f_rate = totals["fl"][0] / totals["fl"][1]
+    best = max(by_threads.values())
     out = {"central_tokens_per_s": c_rate, "fl_tokens_per_s": f_rate, "ratio": f_rate / c_rate,
-           "tokens_each": totals["central"][0], "fl_tokens": totals["fl"][0], "batch_size": fcfg.batch_size,
+           "central_by_threads": by_threads, "ratio_vs_best_central": f_rate / best,
+           "tokens_each": totals[f"central{counts[0]}"][0], "fl_tokens": totals["fl"][0], "batch_size": fcfg.batch_size,
            "clients_per_round": fcfg.clients_per_round, "executor": fcfg.executor,
            "torch_threads": threads, "load_avg_1min": os.getloadavg()[0], "chunks": rows}
     if same is not None:
@@ -150,6 +179,8 @@ def run(args: argparse.Namespace) -> None:
     console.print(f"centralized {c_rate:,.0f} real tokens/s, federated {f_rate:,.0f} real tokens/s: "
                   f"ratio {f_rate / c_rate:.2f} (batch {fcfg.batch_size} messages, {fcfg.clients_per_round} clients/round, "
                   f"{fcfg.executor} executor, {threads} threads, load average {out['load_avg_1min']:.1f})")
+    console.print("centralized by torch threads: " + ", ".join(f"{n}: {r:,.0f} tokens/s" for n, r in by_threads.items())
+                  + f"; federated / best centralized: {f_rate / best:.2f}")
     if same is not None:
         console.print(f"centralized through the federated step's code: {out['central_same_math_tokens_per_s']:,.0f} tokens/s")
     if args.json:

@@ -44,6 +44,15 @@ def _bin(name: str) -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the parent dies, so a killed test or bench leaves no SuperLink
+    behind (Flower's own helpers already exit when their parent does). Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def kill_tree(pid: int | list[int], grace_s: float = 5.0) -> None:
     """SIGTERM processes and all their descendants, SIGKILL whatever is left after `grace_s`."""
     procs = []
@@ -157,7 +166,7 @@ class Federation:
         out = open(self.logs / log_name, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         try:
             return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self._env(),
-                                    start_new_session=True, cwd=self.workdir)
+                                    start_new_session=True, cwd=self.workdir, preexec_fn=_die_with_parent)
         finally:
             out.close()
 

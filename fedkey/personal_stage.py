@@ -1,0 +1,171 @@
+"""The personalization stage: per-user adapters on a run's global model, the gate, and the before/after report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedkey import config as C
+from fedkey.errors import FedkeyError
+from fedkey.io import read_json, write_json
+from fedkey.progress import bar
+from fedkey.stages import is_done, mark_done, stage_key
+from personalization.config import PersonalConfig
+from personalization.store import GAINS_PNG, PERSONAL, REPORT, base_id, default_base, save_results
+
+TRAIN_SPLIT = {"train": "train", "heldout": "heldout_train"}
+TEST_SPLIT = {"train": "test", "heldout": "heldout_test"}
+
+
+def _users(shards, users: list[str] | None, max_users: int) -> list[str]:
+    """The users to personalize: the named ones (training or held-out users), else every training user."""
+    if not users:
+        out = shards.users("train")
+        return out[:max_users] if max_users else out
+    known = set(shards.all_users())
+    for u in users:
+        if u not in known:
+            raise FedkeyError(f"unknown user {u!r} in {shards.data_dir}; `fedkey personalize --all` lists none, "
+                              "see data/users.json for ids")
+        if shards.role(u) not in TRAIN_SPLIT:
+            raise FedkeyError(f"user {u!r} is a public user (their text trained the tokenizer); pick a training "
+                              "or held-out user")
+    return list(users)
+
+
+def _messages(shards, users: list[str]):
+    """Each user's test messages (held-out users: their held-out test part) as evaluate() Messages."""
+    from keyboard.evaluate import Message
+
+    return [Message(u, shards.region(u), t) for u in users for t in shards.user_texts(TEST_SPLIT[shards.role(u)], u)]
+
+
+def _train_words(shards, users: list[str]) -> dict[str, set[str]]:
+    from keyboard.words import WORD_RE, normalize
+
+    return {u: {w for t in shards.user_texts(TRAIN_SPLIT[shards.role(u)], u) for w in WORD_RE.findall(normalize(t))}
+            for u in users}
+
+
+def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, ecfg: C.EvalConfig,
+                   users: list[str] | None = None, progress: bool = True, json_path: Path | None = None,
+                   with_eval: bool = True) -> dict[str, Any]:
+    """Personalize users on the base model, write adapters + gate.json, and compare with the global model.
+
+    With `users` None every training user is personalized and the result is cached (skipped when
+    nothing changed); named users are (re)personalized and merged into gate.json.
+    """
+    from data.british import REGIONAL_PAIRS
+    from fedkey.pipeline import load_prepared
+    from keyboard.adapter_file import AdapterArrays
+    from keyboard.checkpoint import load_model
+    from keyboard.words import PieceTable
+    from personalization.batched import train_adapters
+    from personalization.data import load_users
+    from personalization.evaluate import AdapterBank, evaluate_users, regional_accuracy
+    from personalization.report import count_changes, histogram, top1_gains
+
+    if pcfg.mode not in ("adapter", "bias"):
+        raise FedkeyError(f"--mode {pcfg.mode}: whole-model fine-tuning makes no adapter files; compare it with "
+                          "`fedkey bench personal-modes`")
+    model_dir = Path(model_dir) if model_dir else default_base(run_dir)
+    bid = base_id(model_dir)
+    shards, _ = load_prepared(run_dir)
+    names = _users(shards, users, pcfg.max_users)
+    out_dir = run_dir / PERSONAL
+    cfgd = {"personal": C.to_dict(pcfg), "eval": C.to_dict(ecfg) if with_eval else None}
+    key = stage_key(cfgd, {"base": bid, "shards": shards.manifest.get("source_hash", "")})
+    if users is None and is_done(out_dir, key, [REPORT]):
+        rep = read_json(out_dir / REPORT)
+        if json_path:
+            write_json(json_path, rep)
+        return {**rep, "skipped": True}
+
+    if pcfg.threads:
+        torch.set_num_threads(pcfg.threads)
+    torch.manual_seed(pcfg.seed)
+    base, tok, _ = load_model(model_dir)
+    table = PieceTable.from_tokenizer(tok)
+    starts = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    starts[torch.from_numpy(table.start_space)] = True
+
+    t0 = time.perf_counter()
+    data = []
+    for role in ("train", "heldout"):
+        group = [u for u in names if shards.role(u) == role]
+        if group:
+            data += load_users(shards, tok, group, pcfg.val_frac, pcfg.max_len, pcfg.max_train_tokens,
+                               pcfg.max_val_tokens, split=TRAIN_SPLIT[role])
+    with bar(progress, f"personalizing {len(data):,} users", len(data), unit="users") as update:
+        results = train_adapters(base, data, pcfg, starts, progress=lambda d, n: update(d, ""))
+    sizes = save_results(run_dir, results, bid, model_dir)
+    t_train = time.perf_counter() - t0
+
+    rep: dict[str, Any] = {
+        "base_model": str(model_dir), "base_id": bid, "users": len(results),
+        "gated_in": sum(r.use_adapter for r in results),
+        "adapter_bytes_mean": sum(sizes.values()) / len(sizes) if sizes else None,
+        "adapter_bytes_max": max(sizes.values()) if sizes else None,
+        "use_adapter": {r.user: r.use_adapter for r in results},
+        "region_of": {r.user: r.region for r in results},
+        "gated_in_by_region": {reg: sum(r.use_adapter for r in results if r.region == reg)
+                               for reg in sorted({r.region for r in results})},
+        "config": cfgd, "seconds": {"personalize": t_train, "evaluate": 0.0},
+    }
+    if with_eval:
+        t1 = time.perf_counter()
+        bank = AdapterBank(base, {r.user: AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {})
+                                  for r in results if r.use_adapter})
+        msgs = _messages(shards, names)
+        if not msgs:
+            raise FedkeyError(f"{run_dir}: the chosen users have no test messages to compare on")
+        train_words = _train_words(shards, names)
+        banks = [AdapterBank(base, {}), bank]
+        with bar(progress, "evaluating global vs personalized", len(msgs), unit="msg") as update:
+            glob, pers = evaluate_users(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words,
+                                        progress=lambda d, n: update(d, ""))
+        reg_g, reg_p = regional_accuracy(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words)
+        gains = top1_gains(glob, pers)
+        ch = count_changes(gains, rep["region_of"])
+        rep.update({"global": glob, "personalized": pers, "improved": ch["improved"], "hurt": ch["hurt"],
+                    "unchanged": ch["unchanged"], "changes": ch, "split": "test",
+                    "regional_all_positions": {"global": reg_g, "personalized": reg_p},
+                    "top1_gain_per_user": gains})
+        rep["seconds"]["evaluate"] = time.perf_counter() - t1
+        if gains:
+            histogram(gains, rep["region_of"], out_dir / GAINS_PNG,
+                      f"per-user top-1 gain, {len(gains)} users (gate kept {rep['gated_in']} adapters)")
+            rep["histogram"] = str(out_dir / GAINS_PNG)
+    if users is None:
+        write_json(out_dir / REPORT, rep)
+        mark_done(out_dir, key, cfgd, {"base": bid})
+    if json_path:
+        write_json(json_path, rep)
+    return {**rep, "skipped": False}
+
+
+def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: C.EvalConfig, progress: bool = True,
+                        json_path: Path | None = None) -> dict[str, Any]:
+    """`fedkey evaluate --user`: the user's own model (adapter if their gate chose it) on their test messages."""
+    from data.british import REGIONAL_PAIRS
+    from fedkey.pipeline import load_prepared
+    from keyboard.evaluate import evaluate
+    from personalization.store import load_personalized
+
+    shards, _ = load_prepared(run_dir)
+    _users(shards, [user], 0)
+    model, tok, info = load_personalized(run_dir, model_dir, user)
+    msgs = _messages(shards, [user])
+    if not msgs:
+        raise FedkeyError(f"user {user!r} has no test messages in {shards.data_dir}")
+    t0 = time.perf_counter()
+    with bar(progress, f"evaluating user {user}", len(msgs), unit="msg") as update:
+        res = evaluate(model, tok, msgs, ecfg, REGIONAL_PAIRS, _train_words(shards, [user]),
+                       progress=lambda d, n: update(d, ""))
+    res.update({"seconds": time.perf_counter() - t0, "split": TEST_SPLIT[shards.role(user)], "user": user, **info})
+    if json_path:
+        write_json(json_path, res)
+    return res

@@ -1,0 +1,43 @@
+"""Settings of per-user personalization (the [personal] table of a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+MODES = ("adapter", "bias", "last", "full")
+
+
+@dataclass
+class PersonalConfig:
+    """Per-user adapters on a frozen global model, trained on each user's own train split only."""
+
+    SECTION = "personal"
+    mode: str = _f("adapter", "adapter: low-rank residual adapter + output bias | bias: output bias only | "
+                   "last: fine-tune the LSTM projection and output bias | full: fine-tune every weight "
+                   "(last/full are for comparison: they make whole models, not adapter files)")
+    rank: int = _f(8, "rank of the residual adapter f + (f A) B on the LSTM output")
+    steps: int = _f(60, "Adam steps per user (the best validation check is kept)")
+    batch_tokens: int = _f(256, "pieces per user per step (users with fewer train on all of theirs each step)")
+    lr: float = _f(0.01, "Adam learning rate of the low-rank adapter")
+    bias_lr: float = _f(0.7, "damping of the output bias's diagonal Newton steps (1: full steps)")
+    prior_bias: float = _f(0.3, "pseudo-count of the output bias's prior: bias ~ log((typed + k) / (expected + k))")
+    prior_adapter: float = _f(4.0, "Gaussian prior on the adapter's B: this times its squared norm joins the summed loss")
+    val_frac: float = _f(0.1, "latest fraction of each user's train messages used as the local validation slice")
+    min_val_tokens: int = _f(8, "users with fewer validation pieces keep the global model")
+    gate_margin: float = _f(0.002, "keep the adapter only if it lowers validation loss by this fraction")
+    max_train_tokens: int = _f(2048, "train on at most the latest this many pieces of each user")
+    max_val_tokens: int = _f(512, "validate on at most the latest this many pieces of each user")
+    max_len: int = _f(64, "longer messages are cut to this many pieces")
+    shortlist: int = _f(1024, "output pieces trained exactly per user (own pieces + the base's likeliest); "
+                        "the rest is one tail term")
+    eval_every: int = _f(5, "steps between validation checks (early stopping)")
+    group_tokens: int = _f(16384, "padded pieces of users trained together in one batched computation")
+    max_users: int = _f(0, "personalize only the first N users by id (0: all train users)")
+    seed: int = _f(0, "seed for adapter initialization")
+    threads: int = _f(0, "torch threads (0: all cores)")

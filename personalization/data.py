@@ -1,0 +1,63 @@
+"""Each user's local data: train messages and the latest slice of them for validation (never test)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from keyboard.batches import frame
+
+
+@dataclass
+class UserData:
+    """One user's framed messages (BOS ... EOS), split in time: train, then the latest ones for validation."""
+
+    user: str
+    region: str
+    train: list[list[int]]
+    val: list[list[int]]
+
+    @property
+    def train_tokens(self) -> int:
+        """Pieces predicted in training (every framed position after BOS)."""
+        return sum(len(s) - 1 for s in self.train)
+
+    @property
+    def val_tokens(self) -> int:
+        """Pieces predicted in validation."""
+        return sum(len(s) - 1 for s in self.val)
+
+
+def _latest(seqs: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The latest messages holding at most max_tokens predicted pieces (at least one message)."""
+    out, n = [], 0
+    for s in reversed(seqs):
+        if out and n + len(s) - 1 > max_tokens:
+            break
+        out.append(s)
+        n += len(s) - 1
+    return out[::-1]
+
+
+def split_user(user: str, region: str, ids: list[list[int]], val_frac: float, max_len: int,
+               max_train_tokens: int, max_val_tokens: int) -> UserData:
+    """Frame a user's time-ordered train messages; the latest val_frac of them (by count) validate."""
+    seqs = [frame(x, max_len) for x in ids]
+    n_val = math.ceil(val_frac * len(seqs)) if len(seqs) >= 2 else 0
+    train, val = seqs[: len(seqs) - n_val], seqs[len(seqs) - n_val:]
+    return UserData(user, region, _latest(train, max_train_tokens) if train else [],
+                    _latest(val, max_val_tokens) if val else [])
+
+
+def load_users(shards, tok, users: list[str], val_frac: float, max_len: int, max_train_tokens: int,
+               max_val_tokens: int, split: str = "train") -> list[UserData]:
+    """UserData for each user from a prepared train split (the test splits are never read here)."""
+    if "test" in split:
+        raise ValueError(f"personalization never reads a test split ({split})")
+    texts = [shards.user_texts(split, u) for u in users]
+    flat = tok.encode_batch([t for ts in texts for t in ts])
+    out, i = [], 0
+    for u, ts in zip(users, texts):
+        out.append(split_user(u, shards.region(u), flat[i:i + len(ts)], val_frac, max_len, max_train_tokens, max_val_tokens))
+        i += len(ts)
+    return out

@@ -1,0 +1,251 @@
+"""Evaluating many users' personalized models at once: the frozen base's states are shared, only each
+row's adapter and bias differ.
+
+keyboard.evaluate.evaluate runs one model over all messages; here every row carries the index of its
+user's adapter (in an AdapterBank), through the teacher-forced pass and through the whole-word search:
+the search only reorders (h, c) rows, so the index rides along as one extra column of h. Message
+selection, queries and the tally are keyboard.evaluate's own, so with no adapters the result equals
+`evaluate(base, ...)`; the global and personalized evaluations share one LSTM pass and one sample.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from fedkey.config import EvalConfig
+from keyboard.adapter_file import AdapterArrays
+from keyboard.batches import frame
+from keyboard.evaluate import Message, _Query, _tally  # the same selection and tally as evaluate()
+from keyboard.metrics import regional_hit
+from keyboard.model import KeyboardLM
+from keyboard.search import search_words
+from keyboard.tokenizer import PAD, Tokenizer
+from keyboard.torch_backend import lstm_cell
+from keyboard.words import PieceTable
+
+
+class AdapterBank:
+    """Many users' adapters stacked into tensors; row 0 is the global model (no adapter)."""
+
+    def __init__(self, base: KeyboardLM, adapters: dict[str, AdapterArrays]) -> None:
+        d, V = base.cfg.embed_dim, base.vocab_size
+        r = max([ad.A.shape[1] for ad in adapters.values()] + [0])
+        self.users = sorted(adapters)
+        self.row = {u: i + 1 for i, u in enumerate(self.users)}
+        n = len(self.users) + 1
+        # a lower-rank adapter padded with zeros is the same function
+        self.A, self.B, self.UB = torch.zeros(n, d, r), torch.zeros(n, r, d), torch.zeros(n, V)
+        for u, i in self.row.items():
+            ad = adapters[u]
+            k = ad.A.shape[1]
+            self.A[i, :, :k] = torch.from_numpy(np.asarray(ad.A, dtype=np.float32))
+            self.B[i, :k] = torch.from_numpy(np.asarray(ad.B, dtype=np.float32))
+            self.UB[i] = torch.from_numpy(np.asarray(ad.user_bias, dtype=np.float32))
+
+    def rows(self, users: list[str]) -> torch.Tensor:
+        """Bank row of each user (0, the global model, for a user without an adapter)."""
+        return torch.tensor([self.row.get(u, 0) for u in users], dtype=torch.long)
+
+    def logits(self, base: KeyboardLM, feats: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Personalized logits of LSTM outputs feats (N, d) or (N, T, d), row i using adapter rows[i]."""
+        flat = feats.dim() == 2
+        f = feats[:, None] if flat else feats
+        if self.A.shape[2]:
+            f = f + torch.bmm(torch.bmm(f, self.A[rows]), self.B[rows])
+        out = base.logits(f) + self.UB[rows][:, None, :]
+        return out[:, 0] if flat else out
+
+
+class MultiUserBackend:
+    """A StepBackend whose rows each use their own user's adapter; h's last column holds the bank row."""
+
+    def __init__(self, base: KeyboardLM, bank: AdapterBank) -> None:
+        self.base, self.bank = base.eval(), bank
+
+    @torch.inference_mode()
+    def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One LSTM step per row with that row's adapter; the row index is carried to the new h."""
+        rows = torch.from_numpy(h[:, -1].astype(np.int64))
+        x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        h2, c2 = lstm_cell(self.base.lstm, self.base.embed(x), torch.from_numpy(np.ascontiguousarray(h[:, :-1])),
+                           torch.from_numpy(np.ascontiguousarray(c)))
+        logp = torch.log_softmax(self.bank.logits(self.base, h2, rows), dim=-1)
+        return logp.numpy(), np.concatenate([h2.numpy(), h[:, -1:]], axis=1), c2.numpy()
+
+    def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Not used: rows start from the teacher-forced pass, which knows each row's user."""
+        raise NotImplementedError("MultiUserBackend rows start from evaluate_users' teacher-forced pass")
+
+
+def _lstm_states(base: KeyboardLM, seqs: list[list[int]]):
+    """Teacher-forced LSTM pass: inputs, targets, and (h, c) at every input position."""
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    y = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, : len(s) - 1] = torch.tensor(s[:-1])
+        y[i, : len(s) - 1] = torch.tensor(s[1:])
+    with torch.inference_mode():
+        emb = base.embed(x)
+        h = torch.zeros(len(seqs), base.lstm.proj_size or base.lstm.hidden_size)
+        c = torch.zeros(len(seqs), base.lstm.hidden_size)
+        hs, cs = [], []
+        for t in range(T):  # step by step: nn.LSTM returns only the last cell state
+            h, c = lstm_cell(base.lstm, emb[:, t], h, c)
+            hs.append(h)
+            cs.append(c)
+    return y, torch.stack(hs, 1), torch.stack(cs, 1)
+
+
+def _plan(messages: list[Message], tok: Tokenizer, table: PieceTable, cfg: EvalConfig, regional: dict | None):
+    """evaluate()'s seeded message sample, KSR sample and queries; with `regional`, only regional-pair words."""
+    rng = np.random.default_rng(cfg.seed)
+    ids = tok.encode_batch([m.text for m in messages])
+    parsed: dict[int, tuple] = {}
+    if regional is None:
+        order, n_pos = rng.permutation(len(messages)), 0
+        for i in order:
+            pos, joined = table.word_positions(ids[i])
+            parsed[int(i)] = (pos, joined)
+            n_pos += max(0, len(pos) - 1)
+            if cfg.max_positions and n_pos >= cfg.max_positions:
+                break
+        chosen = sorted(parsed)
+        with_words = [i for i in chosen if parsed[i][0]]
+        ksr_set = set(rng.choice(with_words, size=min(cfg.ksr_messages, len(with_words)), replace=False).tolist()) if with_words else set()
+    else:
+        for i in range(len(messages)):
+            pos, joined = table.word_positions(ids[i])
+            if any(w > 0 and word in regional for w, (_, word, _, _) in enumerate(pos)):
+                parsed[i] = (pos, joined)
+        chosen, ksr_set = sorted(parsed), set()
+    by_msg: dict[int, list[_Query]] = defaultdict(list)
+    for i in chosen:
+        for w, (_, word, _, _) in enumerate(parsed[i][0]):
+            if i in ksr_set:
+                by_msg[i].extend(_Query(i, w, L) for L in range(len(word)))
+            elif w > 0 and (regional is None or word in regional):
+                by_msg[i].append(_Query(i, w, 0))
+    return ids, parsed, chosen, ksr_set, by_msg
+
+
+def evaluate_users(
+    base: KeyboardLM,
+    banks: list[AdapterBank],
+    tok: Tokenizer,
+    messages: list[Message],
+    cfg: EvalConfig,
+    pairs: dict[str, str] | None = None,
+    train_words: dict[str, set[str]] | None = None,
+    ngram=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """One evaluate() object per bank (each message's user gets their adapter from that bank), on one sample."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base.eval()
+    table = PieceTable.from_tokenizer(tok)
+    pairs = pairs or {}
+    variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
+    ids, parsed, chosen, ksr_set, by_msg = _plan(messages, tok, table, cfg, None)
+    results, nll_of = _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress)
+    return [_tally(messages, chosen, parsed, ksr_set, res, nll, variant_of, train_words, ngram, cfg)
+            for res, nll in zip(results, nll_of)]
+
+
+def regional_accuracy(
+    base: KeyboardLM,
+    banks: list[AdapterBank],
+    tok: Tokenizer,
+    messages: list[Message],
+    cfg: EvalConfig,
+    pairs: dict[str, str],
+    train_words: dict[str, set[str]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Regional-variant accuracy over every regional-pair word of the messages (no sampling), per bank.
+
+    Few words are regional pairs, so a sampled evaluation sees too few of them to tell 85% from 95%.
+    """
+    base.eval()
+    table = PieceTable.from_tokenizer(tok)
+    variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
+    ids, parsed, chosen, _, by_msg = _plan(messages, tok, table, cfg, variant_of)
+    results, _ = _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress)
+    out = []
+    for res in results:
+        tally: dict = defaultdict(lambda: [0, 0])
+        for i in chosen:
+            m = messages[i]
+            for q in by_msg[i]:
+                word = parsed[i][0][q.word_idx][1]
+                us, gb = variant_of[word]
+                own, other = (gb, us) if m.region == "GB" else (us, gb)
+                hit = regional_hit(own, other, res[(i, q.word_idx, 0)])
+                typed = train_words is not None and own in train_words.get(m.user, ())
+                for key in (m.region, f"{m.region}/{'typed' if typed else 'never_typed'}", f"user/{m.user}"):
+                    tally[key][0] += hit
+                    tally[key][1] += 1
+        acc = {k: {"acc": h / n, "n": n} for k, (h, n) in sorted(tally.items()) if not k.startswith("user/")}
+        acc["per_user"] = {k[5:]: {"acc": h / n, "n": n} for k, (h, n) in sorted(tally.items()) if k.startswith("user/")}
+        out.append(acc)
+    return out
+
+
+def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress):
+    """Searches of every query under every bank; the LSTM pass over each chunk of messages is shared."""
+    results: list[dict] = [{} for _ in banks]
+    nll_of: list[dict] = [{} for _ in banks]
+    backends = [MultiUserBackend(base, b) for b in banks]
+    done, budget, chunk = 0, 0, []
+
+    def flush(chunk: list[int]) -> None:
+        seqs = [frame(ids[i], 10**9) for i in chunk]
+        wanted = [sorted({parsed[i][0][q.word_idx][0] for q in by_msg[i]}) for i in chunk]
+        y, H, C = _lstm_states(base, seqs)
+        pairs_bt = [(b, t) for b, ts in enumerate(wanted) for t in ts]
+        bi = torch.tensor([p[0] for p in pairs_bt], dtype=torch.long)
+        ti = torch.tensor([p[1] for p in pairs_bt], dtype=torch.long)
+        row_of = {(chunk[b], t): r for r, (b, t) in enumerate(pairs_bt)}
+        qs = [q for i in chunk for q in by_msg[i]]
+        for k, (bank, backend) in enumerate(zip(banks, backends)):
+            rows = bank.rows([messages[i].user for i in chunk])
+            with torch.inference_mode():
+                logp = torch.log_softmax(bank.logits(base, H, rows), dim=-1)
+                nll = -logp.gather(2, y.clamp(min=0)[..., None])[..., 0]
+                nll = (nll * (y != PAD)).sum(1).numpy()
+                lp_w = logp[bi, ti].numpy()
+            for b, i in enumerate(chunk):
+                nll_of[k][i] = float(nll[b])
+            h_w = np.concatenate([H[bi, ti].numpy(), rows[bi].numpy()[:, None].astype(np.float32)], axis=1)
+            c_w = C[bi, ti].numpy()
+            for s in range(0, len(qs), cfg.batch):
+                part = qs[s: s + cfg.batch]
+                r = np.array([row_of[(q.msg, parsed[q.msg][0][q.word_idx][0])] for q in part], dtype=np.int64)
+                partials = [parsed[q.msg][0][q.word_idx][1][: q.typed] for q in part]
+                spaces = [parsed[q.msg][0][q.word_idx][2] for q in part]
+                found = search_words(backend, table, lp_w[r], h_w[r], c_w[r], partials, spaces,
+                                     k=3, beam=cfg.beam, max_pieces=cfg.max_pieces)
+                for q, f in zip(part, found):
+                    results[k][(q.msg, q.word_idx, q.typed)] = [w for w, _ in f]
+
+    # chunks by length, as evaluate() makes them
+    for i in sorted(chosen, key=lambda i: len(ids[i])):
+        chunk.append(i)
+        budget += (len(ids[i]) + 2) + 8 * len(by_msg[i])
+        if budget >= 6000:
+            flush(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, len(chosen))
+            chunk, budget = [], 0
+    if chunk:
+        flush(chunk)
+        done += len(chunk)
+        if progress:
+            progress(done, len(chosen))
+    return results, nll_of

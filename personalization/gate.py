@@ -1,0 +1,25 @@
+"""The per-user gate: an adapter is kept only when the user's own validation slice says it helps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from personalization.config import PersonalConfig
+
+if TYPE_CHECKING:
+    from personalization.batched import UserResult
+
+
+def decide(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
+    """(use the adapter?, why), from the user's validation slice only (the latest train messages)."""
+    if r.train_tokens == 0:
+        return False, "no train messages"
+    if not r.val_tokens:
+        return False, "no validation slice"
+    if r.val_tokens < cfg.min_val_tokens:
+        return False, f"validation slice too small ({r.val_tokens} pieces)"
+    if not r.val_personal < r.val_global * (1 - cfg.gate_margin):
+        return False, "validation loss did not improve"
+    if r.extra.get("val_top1_personal", 0) < r.extra.get("val_top1_global", 0):
+        return False, "validation top-1 got worse"
+    return True, "validation improved"

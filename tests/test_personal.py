@@ -1,0 +1,181 @@
+"""Personalization on tiny real models: a British user's spelling survives, the gate protects, files round-trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedkey.config import CentralConfig, EvalConfig, ModelConfig
+from fedkey.errors import FedkeyError
+from keyboard.adapter_file import AdapterArrays, load_adapter, save_adapter
+from keyboard.batches import frame
+from keyboard.checkpoint import save_model
+from keyboard.evaluate import Message, evaluate
+from keyboard.model import KeyboardLM
+from keyboard.predictor import Predictor
+from keyboard.torch_backend import TorchBackend
+from keyboard.train import train_central
+from keyboard.words import PieceTable
+from personalization.batched import Positions, UserResult, step_nll, train_adapters
+from personalization.config import PersonalConfig
+from personalization.data import split_user
+from personalization.evaluate import AdapterBank, evaluate_users
+from personalization.model import PersonalizedLM
+from personalization.store import load_personalized, save_results
+from tests.conftest import PHRASES
+
+BRITISH = ["i like the colour blue", "what is your favourite colour"]
+
+
+def words(model, tok, text: str) -> list[str]:
+    return [s.word for s in Predictor(TorchBackend(model), PieceTable.from_tokenizer(tok), tok.encode).suggest(text)]
+
+
+def user_data(tok, user: str, texts: list[str], cfg: PersonalConfig, region: str = "GB"):
+    return split_user(user, region, tok.encode_batch(texts), cfg.val_frac, cfg.max_len, cfg.max_train_tokens,
+                      cfg.max_val_tokens)
+
+
+def starts_of(tok) -> torch.Tensor:
+    s = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    s[torch.from_numpy(PieceTable.from_tokenizer(tok).start_space)] = True
+    return s
+
+
+def british_texts(n: int = 60) -> list[str]:
+    """A user who writes like everyone else, except that every color is a colour."""
+    rng = np.random.default_rng(0)
+    return [BRITISH[i % 2] if i % 3 == 0 else PHRASES[rng.integers(len(PHRASES))].replace("color", "colour")
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fed_model(tiny_tok, tmp_path_factory) -> KeyboardLM:
+    """A tiny model of a mostly American federation: one message in eight spells colour the British way."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    texts = [PHRASES[i] for i in rng.integers(len(PHRASES), size=400)]
+    texts = [t.replace("color", "colour").replace("favorite", "favourite") if k % 8 == 0 else t for k, t in enumerate(texts)]
+    model = KeyboardLM(tiny_tok.vocab_size, ModelConfig(embed_dim=16, hidden=48))
+    cfg = CentralConfig(lr=1e-2, batch_size=8, max_tokens=60_000, warmup_tokens=0, seed=0)
+    train_central(model, [frame(ids, 64) for ids in tiny_tok.encode_batch(texts)], cfg, tmp_path_factory.mktemp("fed"))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def brit(fed_model, tiny_tok):
+    cfg = PersonalConfig(steps=40)
+    return train_adapters(fed_model, [user_data(tiny_tok, "brit", british_texts(), cfg)], cfg, starts_of(tiny_tok))[0]
+
+
+def test_british_user_gets_colour_first(fed_model, tiny_tok, brit):
+    for context in ("i like the ", "what is your favorite "):
+        assert words(fed_model, tiny_tok, context)[0] == "color"  # the federation's spelling
+    pm = PersonalizedLM(fed_model, torch.from_numpy(brit.A), torch.from_numpy(brit.B), torch.from_numpy(brit.user_bias))
+    for context in ("i like the ", "what is your favorite "):
+        got = words(pm, tiny_tok, context)
+        assert "colour" in got and ("color" not in got or got.index("colour") < got.index("color")), (context, got)
+    assert brit.use_adapter and brit.val_personal < brit.val_global
+    # the base is untouched: personalization adds layers, it does not train the shared model
+    assert words(fed_model, tiny_tok, "i like the ")[0] == "color"
+
+
+def test_gate_keeps_global_without_useful_data(fed_model, tiny_tok):
+    cfg = PersonalConfig(steps=30)
+    rng = np.random.default_rng(1)
+    noise = ["".join(rng.choice(list("qxzjvkw"), 12)) for _ in range(40)]  # nothing the validation slice resembles
+    users = [user_data(tiny_tok, "one_message", ["how are you doing today"], cfg, "US"),
+             user_data(tiny_tok, "noise", noise[:36] + PHRASES[:4], cfg, "US")]
+    one, noisy = train_adapters(fed_model, users, cfg, starts_of(tiny_tok))
+    assert not one.use_adapter and one.reason == "no validation slice"
+    assert not noisy.use_adapter and "did not improve" in noisy.reason or "worse" in noisy.reason
+
+
+def test_validation_is_the_latest_tenth_of_train(tiny_tok):
+    cfg = PersonalConfig()
+    texts = [f"message number {i}" for i in range(30)]
+    ud = user_data(tiny_tok, "u", texts, cfg)
+    assert len(ud.val) == 3 and ud.val[-1] == frame(tiny_tok.encode(texts[-1]), cfg.max_len)
+    assert ud.train[-1] == frame(tiny_tok.encode(texts[26]), cfg.max_len)
+
+
+def test_adapter_round_trip_and_size(fed_model, tiny_tok, brit, tmp_path):
+    run = tmp_path / "run"
+    save_model(run / "central", fed_model, tiny_tok)
+    from personalization.store import base_id
+    bid = base_id(run / "central")
+    sizes = save_results(run, [brit], bid, run / "central")
+    model, _, info = load_personalized(run, None, "brit")
+    assert info["personalized"] and sizes["brit"] == (run / "personal" / "adapters" / "brit.npz").stat().st_size
+    ids = torch.tensor([tiny_tok.encode("i like the colour blue")])
+    direct = PersonalizedLM(fed_model, torch.from_numpy(brit.A), torch.from_numpy(brit.B), torch.from_numpy(brit.user_bias))
+    assert torch.equal(model(ids)[0], direct(ids)[0])
+    # a Gboard-size adapter (vocab 8000, 96-d, rank 8) stays under the 100 KB target
+    rng = np.random.default_rng(0)
+    big = AdapterArrays(rng.normal(size=(96, 8)), rng.normal(size=(8, 96)), rng.normal(size=8000), "x" * 64, "u", {})
+    assert save_adapter(tmp_path / "big.npz", big) <= 100_000
+    back = load_adapter(tmp_path / "big.npz")
+    assert np.array_equal(back.user_bias, big.user_bias.astype(np.float32)) and back.A.shape == (96, 8)
+
+
+def test_adapter_for_another_base_is_refused(fed_model, tiny_tok, brit, tmp_path):
+    run = tmp_path / "run"
+    save_model(run / "central", fed_model, tiny_tok)
+    from personalization.store import base_id
+    save_results(run, [brit], base_id(run / "central"), run / "central")
+    torch.manual_seed(5)
+    other = KeyboardLM(tiny_tok.vocab_size, ModelConfig(embed_dim=16, hidden=48))
+    seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch(PHRASES * 4)]
+    train_central(other, seqs, CentralConfig(lr=1e-2, batch_size=8, max_tokens=500, warmup_tokens=0), tmp_path / "o")
+    save_model(run / "other", other, tiny_tok)
+    with pytest.raises(FedkeyError, match="trained on base model .* re-run `fedkey personalize`"):
+        load_personalized(run, run / "other", "brit")
+    # the gate's own record is tied to the base too: a decision made for another model is not reused
+    save_results(run, [], base_id(run / "other"), run / "other")
+    with pytest.raises(FedkeyError, match="no decision for user 'brit'"):
+        load_personalized(run, run / "other", "brit")
+
+
+def test_hand_written_gradients_match_autograd():
+    torch.manual_seed(0)
+    U, T, K, d, r, V = 3, 7, 11, 5, 2, 20
+    E = torch.randn(V, d, dtype=torch.float64)
+    S = torch.stack([torch.randperm(V)[:K] for _ in range(U)])
+    Y = torch.randint(0, V, (U, T))
+    lookup = torch.full((U, V), -1).scatter_(1, S, torch.arange(K).expand(U, K).contiguous())
+    dbl = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
+    pos = Positions(dbl(U, T, d), torch.rand(U, T) > 0.2, dbl(U, T, K), lookup.gather(1, Y), dbl(U, T), E[Y],
+                    dbl(U, T), dbl(U, T, d), torch.zeros(U, T, dtype=torch.float64))
+    A, B, ub, w = dbl(U, d, r), 0.3 * dbl(U, r, d), 0.3 * dbl(U, K), torch.rand(U, T, dtype=torch.float64)
+    nll, (dA, dB, dub, _) = step_nll(pos, E[S], A, B, ub, w)
+    A2, B2, ub2 = (x.clone().requires_grad_() for x in (A, B, ub))
+    a = torch.bmm(pos.F, A2)
+    g = torch.bmm(a, B2)
+    logits = pos.base_S + ub2[:, None] + torch.bmm(a, torch.bmm(B2, E[S].transpose(1, 2)))
+    lse = torch.logaddexp(torch.logsumexp(logits, -1), pos.tail + (g * pos.tail_mean).sum(-1))
+    in_S = pos.y_pos >= 0
+    tgt = torch.where(in_S, logits.gather(2, pos.y_pos.clamp(min=0)[..., None])[..., 0], pos.base_y + (g * pos.E_y).sum(-1))
+    ((lse - tgt) * pos.mask * w).sum().backward()
+    assert torch.allclose(nll, (lse - tgt).detach() * pos.mask)
+    for mine, ref in ((dA, A2.grad), (dB, B2.grad), (dub, ub2.grad)):
+        assert torch.allclose(mine, ref, atol=1e-10)
+
+
+def test_batched_evaluation_equals_evaluate(fed_model, tiny_tok, brit):
+    msgs = [Message("brit", "GB", t) for t in BRITISH * 2] + [Message("yank", "US", t) for t in PHRASES[:6]]
+    cfg = EvalConfig(ksr_messages=3)
+    pairs = {"color": "colour", "favorite": "favourite"}
+    glob, pers = evaluate_users(fed_model, [AdapterBank(fed_model, {}), AdapterBank(fed_model, {"brit": UserResult_arrays(brit)})],
+                                tiny_tok, msgs, cfg, pairs)
+    ref = evaluate(fed_model, tiny_tok, msgs, cfg, pairs)
+    assert glob["pooled"] == ref["pooled"] and glob["per_user"] == ref["per_user"]
+    pm = PersonalizedLM.from_arrays(fed_model, UserResult_arrays(brit))
+    ref_brit = evaluate(pm, tiny_tok, [m for m in msgs if m.user == "brit"], cfg, pairs)
+    assert pers["per_user"]["brit"]["top1"] == ref_brit["per_user"]["brit"]["top1"]
+    assert pers["per_user"]["yank"] == glob["per_user"]["yank"]  # no adapter: the global model
+    assert pers["per_user"]["brit"]["regional_acc"] > glob["per_user"]["brit"]["regional_acc"]
+
+
+def UserResult_arrays(r: UserResult) -> AdapterArrays:  # noqa: N802
+    return AdapterArrays(r.A, r.B, r.user_bias, "x", r.user, {})
