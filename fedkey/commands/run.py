@@ -55,7 +55,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     """Run every stage in order, then write and print the report."""
     from fedkey.cli import _modules, build_parser
-    from fedkey.report import write_report
+    from fedkey.report import collect, print_report, write_report
 
     run_dir: Path = args.run_dir
     parser = build_parser()
@@ -88,5 +88,7 @@ def run(args: argparse.Namespace) -> None:
         sub_args = parser.parse_args(argv)
         _modules()[sub_args.command].run(sub_args)
         mark_done(marker, key, {"argv": argv}, inputs, seconds=time.perf_counter() - t0)
-    path = write_report(run_dir)
+    sections = collect(run_dir)  # read once: the terminal and report.md show the same figures
+    print_report(sections, run_dir)
+    path = write_report(run_dir, sections)
     console.print(f"report: {path} ({time.perf_counter() - t_start:.0f} s this invocation)")
