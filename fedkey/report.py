@@ -191,8 +191,9 @@ def _quality(run: RunFiles) -> Section | None:
                  for g in regions for label, ev in models if g in ev.get("by_region", {})]
     caption = ""
     if pers and "personalized" in pers:
-        caption = (f"personalized: {pers.get('users', 0):,} training users' test messages; the {base} model on the "
-                   f"same sample scores top-1 {_pct(pers['global']['pooled'].get('top1'))}")
+        glob = pers.get("global", {}).get("pooled", {})
+        caption = (f"personalized: a sample of the {pers.get('users', 0):,} personalized users' test messages; "
+                   f"the {base} model on the same sample scores top-1 {_pct(glob.get('top1'))}")
     tables = [Table(["model", *METRICS], rows, "test split, pooled over words", caption)]
     if by_region:
         tables.append(Table(["region: model", *METRICS], by_region, "by the user's region"))
@@ -232,7 +233,7 @@ def _fl(run: RunFiles) -> Section | None:
              if fl.get("server_opt") else None),
             ("client reports not used", lost or None),
             ("simulated fleet time", _duration(3600 * res["sim_hours"]) if "sim_hours" in res else None),
-            ("wall time", _duration(res.get("seconds")) if "seconds" in res else None)]
+            ("training wall time", _duration(res.get("seconds")) if "seconds" in res else None)]
     rows += _privacy_rows(res, priv)
     sec = Section("Federated training", [facts(rows)])
     for caption, name in (("accuracy vs round", "accuracy_vs_round.png"),
@@ -282,10 +283,11 @@ def _personal(run: RunFiles) -> Section | None:
     if ch:
         reg = {k: _with_all(v) for k, v in (rep.get("regional_all_positions") or {}).items()}
         table = Table(["region", "users", "improved", "hurt", "unchanged", "mean top-1 gain", "adapters kept",
-                       "regional-variant acc, global -> personalized"], [], "per-user top-1 change of more than 0.5 pt")
+                       "regional-variant acc, global -> personalized (words)"], [],
+                      "users whose top-1 moved more than 0.5 pt (of those with sampled test words)")
         for label, c in [("all", ch), *sorted(ch.get("by_region", {}).items(), reverse=True)]:
             g, p = (reg.get(k, {}).get(label, {}) for k in ("global", "personalized"))
-            regional = f"{_pct(g.get('acc'))} -> {_pct(p.get('acc'))} ({g['n']:,} words)" if g else "-"
+            regional = f"{_pct(g.get('acc'))} -> {_pct(p.get('acc'))} ({g['n']:,})" if g else "-"
             kept_here = kept if label == "all" else rep.get("gated_in_by_region", {}).get(label)
             table.rows.append([label, _count(c["users"]), _count(c["improved"]), _count(c["hurt"]),
                                _count(c["unchanged"]), _points(c.get("mean_top1_gain")), _count(kept_here), regional])
@@ -330,7 +332,8 @@ def _export(run: RunFiles) -> Section | None:
                       f"{_pct(par.get('torch_top1'))} -> {_pct(par.get('exported_top1'))}")]
     if lat is not None:
         def timed(key: str) -> str:
-            return f"{_ms(lat.get(key))} (target <= {TARGETS[key]:g} ms)"
+            ok = "met" if lat.get(key) is not None and lat[key] <= TARGETS[key] else "missed"
+            return f"{_ms(lat.get(key))} (target <= {TARGETS[key]:g} ms: {ok})"
 
         threads = lat.get("threads", 1)
         rows += [(f"suggestion latency p50 ({lat.get('keystrokes', 0):,} keystrokes, {threads} thread"

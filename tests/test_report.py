@@ -101,11 +101,12 @@ def test_full_report(tmp_path: Path) -> None:
     assert "epsilon 4.26 at delta 1.0e-05" in md and "secure aggregation" in md
     assert "| uplink, total | 261 MB (87.1 MB a round) |" in md
     assert "top-k (2.0% of coordinates" in md and "50,100 of a 50,000 budget" in md
-    assert "| GB | 2 | 1 | 1 | 0 | +4.00 pt | 2 | 25.0% -> 75.0% (12 words) |" in md
-    assert "| all | 4 | 3 | 1 | 0 | +3.75 pt | 3 | 75.0% -> 86.5% (52 words) |" in md  # pooled over regions' words
+    assert "| GB | 2 | 1 | 1 | 0 | +4.00 pt | 2 | 25.0% -> 75.0% (12) |" in md
+    assert "| all | 4 | 3 | 1 | 0 | +3.75 pt | 3 | 75.0% -> 86.5% (52) |" in md  # pooled over regions' words
     assert "3 of 4 users (75.0%)" in md and "41.2 kB / 42.0 kB" in md
     assert "900 kB (26.5% of fp32, 3.8x smaller)" in md and "| adapters shipped | 1 |" in md
-    assert "99.5%" in md and "0.42 ms (target <= 1 ms)" in md and "120 ms (target <= 300 ms)" in md
+    assert "99.5%" in md and "0.42 ms (target <= 1 ms: met)" in md and "3.10 ms (target <= 5 ms: met)" in md
+    assert "120 ms (target <= 300 ms: met)" in md
     assert "| federated training | 1 h 02 min |" in md and "| total | 1 h 06 min |" in md
     assert md.count("\n## ") == 6 and "skipped" not in md
 
