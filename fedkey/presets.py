@@ -5,7 +5,8 @@ from __future__ import annotations
 PRESETS: dict[str, dict[str, dict]] = {
     # about 10 minutes of compute on 2 cores, so the README's first command ends within 15
     "quick": {
-        "central": {"max_tokens": 1_200_000},
+        "central": {"max_tokens": 1_000_000},
+        "fl": {"max_tokens": 1_000_000},
         "eval": {"max_positions": 20_000, "ksr_messages": 300},
     },
     # the README's figures: more tokens, the whole test split

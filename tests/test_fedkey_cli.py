@@ -22,7 +22,9 @@ def test_config_precedence(tmp_path):
     toml.write_text("[central]\nlr = 0.5\nbatch_size = 16\n")
     args = build_parser().parse_args(["train-central", "--preset", "quick", "--config", str(toml), "--batch-size", "8"])
     cfg = C.from_args(C.CentralConfig, args)
-    assert cfg.max_tokens == 1_200_000  # from the preset
+    from fedkey.presets import PRESETS
+
+    assert cfg.max_tokens == PRESETS["quick"]["central"]["max_tokens"] != C.CentralConfig().max_tokens  # preset
     assert cfg.lr == 0.5  # TOML beats default
     assert cfg.batch_size == 8  # flag beats TOML
     C.save(tmp_path / "saved.toml", cfg)

@@ -35,7 +35,7 @@ def stages(run_dir: Path) -> list[Stage]:
         Stage("prepare", ["prepare"], [], ["data/manifest.json", "tokenizer/tokenizer.model"], preset=False),
         Stage("centralized baseline", ["train-central", "--resume"], ["tokenizer/tokenizer.model"], ["central/model.pt"]),
         Stage("evaluate centralized", ["evaluate"], ["central/model.pt"], ["central/eval_test.json"]),
-        Stage("federated training", ["train", "--resume"], ["tokenizer/tokenizer.model"], ["fl/model.pt"]),
+        Stage("federated training", ["train", "--resume", "--no-final-eval"], ["tokenizer/tokenizer.model"], ["fl/model.pt"]),
         Stage("evaluate federated", ["evaluate", "--model", str(run_dir / "fl")], ["fl/model.pt"], ["fl/eval_test.json"]),
         Stage("personalize", ["personalize", "--all"], ["fl/model.pt"], ["personal/report.json"]),
         Stage("export", ["export"], ["fl/model.pt", "personal/report.json"], ["export/manifest.json"], preset=False),
