@@ -67,6 +67,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
     from personalization.data import load_users
     from personalization.evaluate import AdapterBank, evaluate_users, regional_accuracy
     from personalization.report import count_changes, histogram, top1_gains
+    from personalization.spelling import attach_spelling
 
     if pcfg.mode not in ("adapter", "bias"):
         raise FedkeyError(f"--mode {pcfg.mode}: whole-model fine-tuning makes no adapter files; compare it with "
@@ -99,6 +100,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         if group:
             data += load_users(shards, tok, group, pcfg.val_frac, pcfg.max_len, pcfg.max_train_tokens,
                                pcfg.max_val_tokens, split=TRAIN_SPLIT[role])
+    attach_spelling(data, tok, base.out_bias.detach().numpy(), REGIONAL_PAIRS, pcfg)
     with bar(progress, f"personalizing {len(data):,} users", len(data), unit="users") as update:
         results = train_adapters(base, data, pcfg, starts, progress=lambda d, n: update(d, ""))
     sizes = save_results(run_dir, results, bid, model_dir)
@@ -128,11 +130,14 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
             glob, pers = evaluate_users(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words,
                                         progress=lambda d, n: update(d, ""))
         reg_g, reg_p = regional_accuracy(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words)
+        # an extra, clearly separate figure: the same positions once the variants' shared prefix is typed
+        pre_g, pre_p = regional_accuracy(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words, typed_prefix=True)
         gains = top1_gains(glob, pers)
         ch = count_changes(gains, rep["region_of"])
         rep.update({"global": glob, "personalized": pers, "improved": ch["improved"], "hurt": ch["hurt"],
                     "unchanged": ch["unchanged"], "changes": ch, "split": "test",
                     "regional_all_positions": {"global": reg_g, "personalized": reg_p},
+                    "regional_after_shared_prefix": {"global": pre_g, "personalized": pre_p},
                     "top1_gain_per_user": gains})
         rep["seconds"]["evaluate"] = time.perf_counter() - t1
         if gains:

@@ -24,7 +24,7 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD
 from personalization.config import PersonalConfig
 from personalization.data import UserData
-from personalization.gate import decide
+from personalization.gate import decide, spelling_only_ok
 
 TOPK_CANDIDATES = 8  # base-model candidates per position that vote for the user's shortlist
 MAX_BIAS_STEP = 1.0  # Newton on a log-count overshoots from far below; a bias moves at most this per step
@@ -136,12 +136,16 @@ def _positions(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.T
     logZ, tgt, mu, top = [], [], [], []
     with torch.inference_mode():
         for s in range(0, len(flat_f), 4096):
-            lg = flat_f[s:s + 4096] @ E.t() + ob
-            lz = torch.logsumexp(lg, -1)
-            logZ.append(lz)
+            lg = torch.addmm(ob, flat_f[s:s + 4096], E.t())
             tgt.append(lg.gather(1, flat_y[s:s + 4096, None])[:, 0])
-            mu.append(torch.softmax(lg, -1) @ E)
-            top.append(lg.topk(TOPK_CANDIDATES, -1).indices)
+            if S is None:  # the validation pass reuses the train pass's shortlist
+                top.append(lg.topk(TOPK_CANDIDATES, -1).indices)
+            # one exp pass gives both the log-partition and the softmax (logsumexp + softmax took two)
+            m = lg.amax(-1, keepdim=True)
+            P = lg.sub_(m).exp_()
+            Z = P.sum(-1, keepdim=True)
+            logZ.append((m + Z.log())[:, 0])
+            mu.append((P @ E) / Z)
 
     def scatter(xs: list[torch.Tensor], shape: tuple, dtype=torch.float32) -> torch.Tensor:
         out = torch.zeros(U, T, *shape, dtype=dtype)
@@ -324,9 +328,18 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
             opt.step()
 
     A_b, B_b, ub_b = best
-    ub_full = torch.zeros(U, V).scatter_(1, S, ub_b)
+    # the spelling preference is fixed (not trained): it joins the trained bias, and is also a candidate alone
+    sp = torch.zeros(U, V)
+    for ui, u in enumerate(users):
+        for piece, v in u.spelling.items():
+            sp[ui, piece] = v
+    ub_full = torch.zeros(U, V).scatter_(1, S, ub_b) + sp
     val_g = ((va.logZ - va.base_y) * Mva).sum(1) / n_va.clamp(min=1)
     ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts)
+    has_sp = torch.tensor([bool(u.spelling) for u in users])
+    ex_sp = _exact_val(base, Fva[has_sp], Yva[has_sp], Mva[has_sp], torch.zeros_like(A_b[has_sp]),
+                       torch.zeros_like(B_b[has_sp]), sp[has_sp], starts) if has_sp.any() else None
+    sp_row = (torch.cumsum(has_sp, 0) - 1).tolist()
     out = []
     for ui, u in enumerate(users):
         nv = int(n_va[ui])
@@ -334,8 +347,15 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
                        u.train_tokens, nv, float(val_g[ui]) if nv else None, float(ex["nll"][ui]) if nv else None,
                        int(best_step[ui]), False, "",
                        {"val_words": int(ex["n_words"][ui]), "val_top1_global": int(ex["top1_global"][ui]),
-                        "val_top1_personal": int(ex["top1_personal"][ui])})
+                        "val_top1_personal": int(ex["top1_personal"][ui]), "spelling_pieces": len(u.spelling)})
+        if ex_sp is not None and has_sp[ui] and nv:
+            r.extra["val_spelling"] = float(ex_sp["nll"][sp_row[ui]])
+            r.extra["val_top1_spelling"] = int(ex_sp["top1_personal"][sp_row[ui]])
         r.use_adapter, r.reason = decide(r, cfg)
+        if not r.use_adapter and spelling_only_ok(r, cfg):
+            # the trained adapter did not help, but the user's own spelling still should not be overruled
+            r.A, r.B, r.user_bias = np.zeros_like(r.A), np.zeros_like(r.B), sp[ui].numpy().copy()
+            r.use_adapter, r.reason = True, f"spelling preference only ({r.reason})"
         out.append(r)
     return out
 

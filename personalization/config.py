@@ -26,7 +26,13 @@ class PersonalConfig:
     batch_tokens: int = _f(256, "pieces per user per step (users with fewer train on all of theirs each step)")
     lr: float = _f(0.01, "Adam learning rate of the low-rank adapter")
     bias_lr: float = _f(0.7, "damping of the output bias's diagonal Newton steps (1: full steps)")
-    prior_bias: float = _f(0.3, "pseudo-count of the output bias's prior: bias ~ log((typed + k) / (expected + k))")
+    prior_bias: float = _f(10.0, "pseudo-count of the output bias's prior: bias ~ log((typed + k) / (expected + k))")
+    regional_penalty: float = _f(4.0, "spelling preference: where the user typed one variant of an American/British "
+                                 "pair and never the other, the other's first piece goes down this many nats (0: off)")
+    regional_max_lift: float = _f(3.0, "spelling preference: the own variant's first piece goes up by at most this "
+                                  "(it takes over the other variant's unigram mass)")
+    regional_min_words: int = _f(2, "a user with this many regional words typed, all of one region, gets that "
+                                 "region's variant of every pair (0: only pairs they typed)")
     prior_adapter: float = _f(4.0, "Gaussian prior on the adapter's B: this times its squared norm joins the summed loss")
     val_frac: float = _f(0.1, "latest fraction of each user's train messages used as the local validation slice")
     min_val_tokens: int = _f(8, "users with fewer validation pieces keep the global model")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from keyboard.batches import frame
 
@@ -16,6 +17,8 @@ class UserData:
     region: str
     train: list[list[int]]
     val: list[list[int]]
+    words: Counter = field(default_factory=Counter)  # words of the train messages (not the validation slice)
+    spelling: dict[int, float] = field(default_factory=dict)  # fixed bias entries of the spelling preference
 
     @property
     def train_tokens(self) -> int:
@@ -39,12 +42,17 @@ def _latest(seqs: list[list[int]], max_tokens: int) -> list[list[int]]:
     return out[::-1]
 
 
+def n_val(n_messages: int, val_frac: float) -> int:
+    """How many of a user's latest train messages form the validation slice."""
+    return math.ceil(val_frac * n_messages) if n_messages >= 2 else 0
+
+
 def split_user(user: str, region: str, ids: list[list[int]], val_frac: float, max_len: int,
                max_train_tokens: int, max_val_tokens: int) -> UserData:
     """Frame a user's time-ordered train messages; the latest val_frac of them (by count) validate."""
     seqs = [frame(x, max_len) for x in ids]
-    n_val = math.ceil(val_frac * len(seqs)) if len(seqs) >= 2 else 0
-    train, val = seqs[: len(seqs) - n_val], seqs[len(seqs) - n_val:]
+    nv = n_val(len(seqs), val_frac)
+    train, val = seqs[: len(seqs) - nv], seqs[len(seqs) - nv:]
     return UserData(user, region, _latest(train, max_train_tokens) if train else [],
                     _latest(val, max_val_tokens) if val else [])
 
@@ -54,10 +62,15 @@ def load_users(shards, tok, users: list[str], val_frac: float, max_len: int, max
     """UserData for each user from a prepared train split (the test splits are never read here)."""
     if "test" in split:
         raise ValueError(f"personalization never reads a test split ({split})")
+    from keyboard.words import WORD_RE, normalize
+
     texts = [shards.user_texts(split, u) for u in users]
     flat = tok.encode_batch([t for ts in texts for t in ts])
     out, i = [], 0
     for u, ts in zip(users, texts):
-        out.append(split_user(u, shards.region(u), flat[i:i + len(ts)], val_frac, max_len, max_train_tokens, max_val_tokens))
+        d = split_user(u, shards.region(u), flat[i:i + len(ts)], val_frac, max_len, max_train_tokens, max_val_tokens)
+        # every train message, not only the latest max_train_tokens; the validation slice stays unseen
+        d.words = Counter(w for t in ts[: len(ts) - n_val(len(ts), val_frac)] for w in WORD_RE.findall(normalize(t)))
+        out.append(d)
         i += len(ts)
     return out

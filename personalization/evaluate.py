@@ -10,6 +10,7 @@ selection, queries and the tally are keyboard.evaluate's own, so with no adapter
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -101,8 +102,16 @@ def _lstm_states(base: KeyboardLM, seqs: list[list[int]]):
     return y, torch.stack(hs, 1), torch.stack(cs, 1)
 
 
-def _plan(messages: list[Message], tok: Tokenizer, table: PieceTable, cfg: EvalConfig, regional: dict | None):
-    """evaluate()'s seeded message sample, KSR sample and queries; with `regional`, only regional-pair words."""
+def shared_prefix(word: str, variant_of: dict[str, tuple[str, str]]) -> int:
+    """Characters of `word` its American and British variants share ("favo" of favorite/favourite)."""
+    us, gb = variant_of[word]
+    return len(os.path.commonprefix([us, gb]))
+
+
+def _plan(messages: list[Message], tok: Tokenizer, table: PieceTable, cfg: EvalConfig, regional: dict | None,
+          typed_prefix: bool = False):
+    """evaluate()'s seeded message sample, KSR sample and queries; with `regional`, only regional-pair words
+    (with `typed_prefix`, asked once the variants' shared prefix has been typed instead of with nothing typed)."""
     rng = np.random.default_rng(cfg.seed)
     ids = tok.encode_batch([m.text for m in messages])
     parsed: dict[int, tuple] = {}
@@ -129,7 +138,7 @@ def _plan(messages: list[Message], tok: Tokenizer, table: PieceTable, cfg: EvalC
             if i in ksr_set:
                 by_msg[i].extend(_Query(i, w, L) for L in range(len(word)))
             elif w > 0 and (regional is None or word in regional):
-                by_msg[i].append(_Query(i, w, 0))
+                by_msg[i].append(_Query(i, w, shared_prefix(word, regional) if typed_prefix else 0))
     return ids, parsed, chosen, ksr_set, by_msg
 
 
@@ -166,15 +175,18 @@ def regional_accuracy(
     pairs: dict[str, str],
     train_words: dict[str, set[str]] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    typed_prefix: bool = False,
 ) -> list[dict]:
     """Regional-variant accuracy over every regional-pair word of the messages (no sampling), per bank.
 
     Few words are regional pairs, so a sampled evaluation sees too few of them to tell 85% from 95%.
+    DESIGN.md's figure asks with nothing of the word typed; `typed_prefix` asks once the prefix both
+    variants share is typed ("favo", "colo"), where the spelling choice itself is what is measured.
     """
     base.eval()
     table = PieceTable.from_tokenizer(tok)
     variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
-    ids, parsed, chosen, _, by_msg = _plan(messages, tok, table, cfg, variant_of)
+    ids, parsed, chosen, _, by_msg = _plan(messages, tok, table, cfg, variant_of, typed_prefix)
     results, _ = _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress)
     out = []
     for res in results:
@@ -185,7 +197,7 @@ def regional_accuracy(
                 word = parsed[i][0][q.word_idx][1]
                 us, gb = variant_of[word]
                 own, other = (gb, us) if m.region == "GB" else (us, gb)
-                hit = regional_hit(own, other, res[(i, q.word_idx, 0)])
+                hit = regional_hit(own, other, res[(i, q.word_idx, q.typed)])
                 typed = train_words is not None and own in train_words.get(m.user, ())
                 for key in (m.region, f"{m.region}/{'typed' if typed else 'never_typed'}", f"user/{m.user}"):
                     tally[key][0] += hit

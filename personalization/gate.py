@@ -10,6 +10,14 @@ if TYPE_CHECKING:
     from personalization.batched import UserResult
 
 
+def spelling_only_ok(r: "UserResult", cfg: PersonalConfig) -> bool:
+    """Whether the spelling-preference bias alone keeps validation loss (it moves a few pieces only, so one
+    word's top-1 flipping on a small slice says less than the loss does)."""
+    sp = r.extra.get("val_spelling")
+    return (sp is not None and r.val_global is not None and r.val_tokens >= cfg.min_val_tokens
+            and sp <= r.val_global * (1 + cfg.gate_margin))
+
+
 def decide(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
     """(use the adapter?, why), from the user's validation slice only (the latest train messages)."""
     if r.train_tokens == 0:

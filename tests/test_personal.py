@@ -20,8 +20,9 @@ from keyboard.words import PieceTable
 from personalization.batched import Positions, UserResult, step_nll, train_adapters
 from personalization.config import PersonalConfig
 from personalization.data import split_user
-from personalization.evaluate import AdapterBank, evaluate_users
+from personalization.evaluate import AdapterBank, evaluate_users, regional_accuracy
 from personalization.model import PersonalizedLM
+from personalization.spelling import attach_spelling, first_piece, preferences, spelling_bias
 from personalization.store import load_personalized, save_results
 from tests.conftest import PHRASES
 
@@ -63,10 +64,23 @@ def fed_model(tiny_tok, tmp_path_factory) -> KeyboardLM:
     return model.eval()
 
 
+def with_words(ud, texts: list[str]):
+    """The user's train words (the validation slice left out), as load_users counts them."""
+    from collections import Counter
+
+    from keyboard.words import WORD_RE
+
+    ud.words = Counter(w for t in texts[: len(texts) - len(ud.val)] for w in WORD_RE.findall(t))
+    return ud
+
+
 @pytest.fixture(scope="module")
 def brit(fed_model, tiny_tok):
-    cfg = PersonalConfig(steps=40)
-    return train_adapters(fed_model, [user_data(tiny_tok, "brit", british_texts(), cfg)], cfg, starts_of(tiny_tok))[0]
+    # the tiny model has memorised its phrases: its color/colour gap is wider than the default penalty
+    cfg = PersonalConfig(steps=40, regional_penalty=8.0)
+    ud = with_words(user_data(tiny_tok, "brit", british_texts(), cfg), british_texts())
+    attach_spelling([ud], tiny_tok, fed_model.out_bias.detach().numpy(), PAIRS, cfg)
+    return train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
 
 
 def test_british_user_gets_colour_first(fed_model, tiny_tok, brit):
@@ -76,7 +90,7 @@ def test_british_user_gets_colour_first(fed_model, tiny_tok, brit):
     for context in ("i like the ", "what is your favorite "):
         got = words(pm, tiny_tok, context)
         assert "colour" in got and ("color" not in got or got.index("colour") < got.index("color")), (context, got)
-    assert brit.use_adapter and brit.val_personal < brit.val_global
+    assert brit.use_adapter  # the trained adapter, or the spelling preference alone if the adapter did not help
     # the base is untouched: personalization adds layers, it does not train the shared model
     assert words(fed_model, tiny_tok, "i like the ")[0] == "color"
 
@@ -179,3 +193,52 @@ def test_batched_evaluation_equals_evaluate(fed_model, tiny_tok, brit):
 
 def UserResult_arrays(r: UserResult) -> AdapterArrays:  # noqa: N802
     return AdapterArrays(r.A, r.B, r.user_bias, "x", r.user, {})
+
+
+PAIRS = {"color": "colour", "favorite": "favourite", "colors": "colours"}
+
+
+def test_spelling_preferences_from_own_words():
+    from collections import Counter
+
+    # typed one way only: that pair; typed both ways: no preference
+    assert preferences(Counter({"colour": 3, "favorite": 1, "favourite": 1}), PAIRS, 0) == [("colour", "color")]
+    # enough British words and no American ones: every pair the British way
+    got = preferences(Counter({"colour": 2}), PAIRS, 2)
+    assert set(got) == {("colour", "color"), ("favourite", "favorite"), ("colours", "colors")}
+    # a mixed user generalizes nothing
+    assert preferences(Counter({"colour": 2, "favorite": 2}), PAIRS, 2) == [("colour", "color"), ("favorite", "favourite")]
+
+
+def test_spelling_bias_touches_only_specific_first_pieces(fed_model, tiny_tok):
+    ob = fed_model.out_bias.detach().numpy()
+    sb = spelling_bias([("colour", "color")], tiny_tok, ob, 4.0, 3.0)
+    pc, pu = first_piece(tiny_tok, "color"), first_piece(tiny_tok, "colour")
+    assert pc is not None and sb[pc] == -4.0
+    assert pu is None or pu == pc or 0 < sb[pu] <= 3.0
+    # "the" is the first piece of "theatre": too short to push down for an American-spelling user
+    assert first_piece(tiny_tok, "theatre") is None or len(tiny_tok.encode("theatre")) == 1
+    assert spelling_bias([("colour", "color")], tiny_tok, ob, 0.0, 3.0) == {}
+
+
+def test_spelling_alone_when_the_adapter_is_rejected(fed_model, tiny_tok):
+    """A margin no adapter can meet rejects the trained one; the spelling alone only has to do no harm."""
+    cfg = PersonalConfig(steps=0, regional_penalty=8.0, gate_margin=0.5)
+    ud = with_words(user_data(tiny_tok, "brit0", british_texts(), cfg), british_texts())
+    attach_spelling([ud], tiny_tok, fed_model.out_bias.detach().numpy(), PAIRS, cfg)
+    r = train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
+    assert r.use_adapter and r.reason.startswith("spelling preference only"), r.reason
+    assert not r.B.any()
+    pm = PersonalizedLM(fed_model, torch.from_numpy(r.A), torch.from_numpy(r.B), torch.from_numpy(r.user_bias))
+    got = words(pm, tiny_tok, "i like the ")
+    assert "colour" in got and ("color" not in got or got.index("colour") < got.index("color")), got
+
+
+def test_regional_accuracy_after_the_shared_prefix(fed_model, tiny_tok, brit):
+    msgs = [Message("brit", "GB", t) for t in BRITISH] + [Message("yank", "US", "i like the color blue")]
+    banks = [AdapterBank(fed_model, {}), AdapterBank(fed_model, {"brit": UserResult_arrays(brit)})]
+    cfg = EvalConfig()
+    pre_g, pre_p = regional_accuracy(fed_model, banks, tiny_tok, msgs, cfg, PAIRS, typed_prefix=True)
+    # 2 colour positions and one favourite ("favo" typed); the adapter at least fixes the colours
+    assert pre_g["GB"]["n"] == 3 and pre_g["GB"]["acc"] < pre_p["GB"]["acc"] and pre_p["GB"]["acc"] >= 2 / 3
+    assert pre_g["US"]["acc"] == pre_p["US"]["acc"] == 1.0  # no adapter for the American user

@@ -1,0 +1,80 @@
+"""A user's regional spelling preference, read from their own train text, as a few entries of their output bias.
+
+The data-driven bias cannot flip "favorite" -> "favourite": a word typed a handful of times moves its
+bias by a fraction of a nat under any prior strong enough not to hurt top-1 elsewhere, while the base
+prefers the American variant by 1-3 nats. A public American/British pair list makes the step explicit:
+where the user typed one variant of a pair and never the other, the other variant's first piece goes
+down by `penalty` nats and the own variant's first piece takes over the other's unigram mass. A user
+whose typed pairs are all of one region gets that region's variant for every pair ("British-ness
+generalizes"). Only first pieces are touched: a continuation piece ("ise", "er") is shared by
+unrelated words, and so is a short first piece ("▁the" of "theatre", "▁mu" of "mum").
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+MIN_PIECE_CHARS = 4  # a first piece shorter than this starts too many unrelated words
+MIN_PIECE_SHARE = 0.6  # ... and so does one covering less than this share of its word
+
+
+def first_piece(tok, word: str) -> int | None:
+    """The word's first piece, if it is specific to the word: the whole word, or a long share of it."""
+    ids = tok.encode(word)
+    if not ids:
+        return None
+    if len(ids) == 1:
+        return ids[0]
+    n = len(tok.sp.id_to_piece(ids[0]).lstrip("\u2581"))
+    return ids[0] if n >= MIN_PIECE_CHARS and n >= MIN_PIECE_SHARE * len(word) else None
+
+
+def preferences(counts: Counter, pairs: dict[str, str], min_words: int) -> list[tuple[str, str]]:
+    """(own, other) variants the user prefers: each pair typed one way only, and with `min_words` or more
+    such words all of one region (and none of the other), every pair of the list that region's way."""
+    typed, regions = [], Counter()
+    for us, gb in pairs.items():
+        cu, cg = counts.get(us, 0), counts.get(gb, 0)
+        if cu and not cg:
+            typed.append((us, gb)); regions["US"] += cu
+        elif cg and not cu:
+            typed.append((gb, us)); regions["GB"] += cg
+    if min_words and len(regions) == 1 and sum(regions.values()) >= min_words:
+        gb_way = "GB" in regions
+        done = {frozenset(p) for p in typed}
+        typed += [((gb, us) if gb_way else (us, gb)) for us, gb in pairs.items()
+                  if frozenset((us, gb)) not in done and counts.get(gb if gb_way else us, 0) == 0
+                  and counts.get(us if gb_way else gb, 0) == 0]
+    return typed
+
+
+def spelling_bias(prefs: list[tuple[str, str]], tok, out_bias: np.ndarray, penalty: float,
+                  max_lift: float) -> dict[int, float]:
+    """Bias entries {piece: nats} of the preferences: the other variant's first piece down by `penalty`,
+    the own variant's up by log(1 + p(other) / p(own)) under the base's unigram bias (at most `max_lift`)."""
+    if penalty <= 0 or not prefs:
+        return {}
+    down: set[int] = set()
+    up: dict[int, float] = {}
+    for own, other in prefs:
+        po, pt = first_piece(tok, own), first_piece(tok, other)
+        if pt is None or po == pt:
+            continue
+        down.add(pt)
+        if po is not None:
+            lift = min(max_lift, math.log1p(math.exp(float(out_bias[pt]) - float(out_bias[po]))))
+            up[po] = max(up.get(po, 0.0), lift)
+    # a piece the user's own spellings start with is never pushed down by another pair
+    out = {p: -penalty for p in down if p not in up}
+    out.update(up)
+    return out
+
+
+def attach_spelling(users: list, tok, out_bias: np.ndarray, pairs: dict[str, str], cfg) -> None:
+    """Set each UserData's `spelling` bias entries from the words of their train messages."""
+    for u in users:
+        u.spelling = spelling_bias(preferences(u.words, pairs, cfg.regional_min_words), tok, out_bias,
+                                   cfg.regional_penalty, cfg.regional_max_lift)
