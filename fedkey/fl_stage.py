@@ -19,7 +19,7 @@ import torch
 from fedkey import config as C
 from fedkey.errors import FedkeyError
 from fedkey.io import atomic_write_bytes, read_json
-from fedkey.pipeline import CENTRAL, DATA, encode_split, evaluate_stage, load_prepared
+from fedkey.pipeline import CENTRAL, DATA, evaluate_stage, load_prepared, public_seqs
 from fedkey.progress import bar
 from fedkey.stages import is_done, mark_done, stage_key
 from fl_core.config import FleetConfig, FLConfig
@@ -51,7 +51,7 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
     torch.manual_seed(fcfg.seed)  # the same seed gives the central baseline's initial model
     model = KeyboardLM(tok.vocab_size, mcfg)
     # the central baseline's start: public users' unigram bias (no training user's text)
-    model.init_output_bias(encode_split(shards, tok, "public_train", fcfg.max_len))
+    model.init_output_bias(public_seqs(shards, tok, fcfg.max_len))
     spec = ParamSpec.of(model, fcfg.local_patterns())
     task = KeyboardTask(shards, tok, model, fcfg.batch_size, fcfg.max_messages, fcfg.max_len, fcfg.local_epochs)
     sim = Simulation(task, spec, users, spec.flatten(dict(model.named_parameters())), fcfg, fleet, out_dir,

@@ -129,9 +129,9 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         with bar(progress, "evaluating global vs personalized", len(msgs), unit="msg") as update:
             glob, pers = evaluate_users(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words,
                                         progress=lambda d, n: update(d, ""))
-        reg_g, reg_p = regional_accuracy(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words)
         # an extra, clearly separate figure: the same positions once the variants' shared prefix is typed
-        pre_g, pre_p = regional_accuracy(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words, typed_prefix=True)
+        (reg_g, reg_p), (pre_g, pre_p) = regional_accuracy(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words,
+                                                           typed_prefix=True)
         gains = top1_gains(glob, pers)
         ch = count_changes(gains, rep["region_of"])
         rep.update({"global": glob, "personalized": pers, "improved": ch["improved"], "hurt": ch["hurt"],

@@ -71,6 +71,11 @@ def encode_split(shards, tok, split: str, max_len: int) -> list[list[int]]:
     return [frame(ids, max_len) for ids in tok.encode_batch(shards.dataset(split)["text"])]
 
 
+def public_seqs(shards, tok, max_len: int) -> list[list[int]]:
+    """Framed messages of the public (tokenizer) users, [] when a run has none."""
+    return encode_split(shards, tok, "public_train", max_len) if shards.users("public_train") else []
+
+
 def central_stage(run_dir: Path, mcfg: C.ModelConfig, ccfg: C.CentralConfig, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """Train the centralized baseline on all training users' train splits (skipped if already done)."""
@@ -90,7 +95,7 @@ def central_stage(run_dir: Path, mcfg: C.ModelConfig, ccfg: C.CentralConfig, res
     C.save(out / "config.toml", mcfg, ccfg)
     torch.manual_seed(ccfg.seed)
     model = KeyboardLM(tok.vocab_size, mcfg)
-    model.init_output_bias(encode_split(shards, tok, "public_train", ccfg.max_len))
+    model.init_output_bias(public_seqs(shards, tok, ccfg.max_len))
     seqs = encode_split(shards, tok, "train", ccfg.max_len)
     if not seqs:
         raise FedkeyError(f"{run_dir / DATA}: the train split is empty; prepare with more users or a lower --min-words")

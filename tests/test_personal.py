@@ -238,7 +238,8 @@ def test_regional_accuracy_after_the_shared_prefix(fed_model, tiny_tok, brit):
     msgs = [Message("brit", "GB", t) for t in BRITISH] + [Message("yank", "US", "i like the color blue")]
     banks = [AdapterBank(fed_model, {}), AdapterBank(fed_model, {"brit": UserResult_arrays(brit)})]
     cfg = EvalConfig()
-    pre_g, pre_p = regional_accuracy(fed_model, banks, tiny_tok, msgs, cfg, PAIRS, typed_prefix=True)
+    (plain_g, plain_p), (pre_g, pre_p) = regional_accuracy(fed_model, banks, tiny_tok, msgs, cfg, PAIRS, typed_prefix=True)
+    assert [plain_g, plain_p] == regional_accuracy(fed_model, banks, tiny_tok, msgs, cfg, PAIRS)  # one pass, same figures
     # 2 colour positions and one favourite ("favo" typed); the adapter at least fixes the colours
     assert pre_g["GB"]["n"] == 3 and pre_g["GB"]["acc"] < pre_p["GB"]["acc"] and pre_p["GB"]["acc"] >= 2 / 3
     assert pre_g["US"]["acc"] == pre_p["US"]["acc"] == 1.0  # no adapter for the American user
