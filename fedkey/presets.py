@@ -8,6 +8,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "central": {"max_tokens": 1_000_000},
         "fl": {"max_tokens": 1_000_000},
         "eval": {"max_positions": 20_000, "ksr_messages": 300},
+        # every user in about a minute of training: the latest 1k pieces each, a 512-piece shortlist, 20 steps
+        "personal": {"steps": 20, "max_train_tokens": 1024, "max_val_tokens": 256, "shortlist": 512},
     },
     # the README's figures: 3M tokens each side (about 1.4 epochs), 100k test positions; ~45 minutes
     "full": {

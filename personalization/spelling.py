@@ -52,15 +52,19 @@ def preferences(counts: Counter, pairs: dict[str, str], min_words: int) -> list[
 
 
 def spelling_bias(prefs: list[tuple[str, str]], tok, out_bias: np.ndarray, penalty: float,
-                  max_lift: float) -> dict[int, float]:
+                  max_lift: float, cache: dict[str, int | None] | None = None) -> dict[int, float]:
     """Bias entries {piece: nats} of the preferences: the other variant's first piece down by `penalty`,
     the own variant's up by log(1 + p(other) / p(own)) under the base's unigram bias (at most `max_lift`)."""
     if penalty <= 0 or not prefs:
         return {}
     down: set[int] = set()
     up: dict[int, float] = {}
+    cache = {} if cache is None else cache  # first pieces, shared across users (a generalized user asks ~3k)
     for own, other in prefs:
-        po, pt = first_piece(tok, own), first_piece(tok, other)
+        for w in (own, other):
+            if w not in cache:
+                cache[w] = first_piece(tok, w)
+        po, pt = cache[own], cache[other]
         if pt is None or po == pt:
             continue
         down.add(pt)
@@ -75,6 +79,7 @@ def spelling_bias(prefs: list[tuple[str, str]], tok, out_bias: np.ndarray, penal
 
 def attach_spelling(users: list, tok, out_bias: np.ndarray, pairs: dict[str, str], cfg) -> None:
     """Set each UserData's `spelling` bias entries from the words of their train messages."""
+    cache: dict[str, int | None] = {}
     for u in users:
         u.spelling = spelling_bias(preferences(u.words, pairs, cfg.regional_min_words), tok, out_bias,
-                                   cfg.regional_penalty, cfg.regional_max_lift)
+                                   cfg.regional_penalty, cfg.regional_max_lift, cache)
