@@ -92,6 +92,8 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
     table = PieceTable.from_tokenizer(tok)
     starts = torch.zeros(tok.vocab_size, dtype=torch.bool)
     starts[torch.from_numpy(table.start_space)] = True
+    cont = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    cont[torch.from_numpy(table.cont)] = True
 
     t0 = time.perf_counter()
     data = []
@@ -102,7 +104,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
                                pcfg.max_val_tokens, split=TRAIN_SPLIT[role])
     attach_spelling(data, tok, base.out_bias.detach().numpy(), REGIONAL_PAIRS, pcfg)
     with bar(progress, f"personalizing {len(data):,} users", len(data), unit="users") as update:
-        results = train_adapters(base, data, pcfg, starts, progress=lambda d, n: update(d, ""))
+        results = train_adapters(base, data, pcfg, starts, cont, progress=lambda d, n: update(d, ""))
     sizes = save_results(run_dir, results, bid, model_dir)
     t_train = time.perf_counter() - t0
 

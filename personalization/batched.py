@@ -250,7 +250,8 @@ def step_nll(pos: Positions, ES: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 
 
 def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor, A: torch.Tensor,
-               B: torch.Tensor, ub_full: torch.Tensor, starts: torch.Tensor | None) -> dict[str, torch.Tensor]:
+               B: torch.Tensor, ub_full: torch.Tensor, starts: torch.Tensor | None,
+               cont: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Exact full-vocabulary validation figures per user: mean piece NLL of the adapted model, and top-1
     piece accuracy at word starts (where the keyboard predicts the next word) of the global and adapted model."""
     E, ob = base.embed.weight.detach(), base.out_bias.detach()
@@ -267,6 +268,10 @@ def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.T
             lg = Fp[ui][m] @ E.t() + ob + ub_full[ui]
             out["nll"][ui] = (torch.logsumexp(lg, -1) - lg.gather(1, y[:, None])[:, 0]).mean()
             w = starts[y] if starts is not None else torch.ones_like(y, dtype=torch.bool)
+            if cont is not None:
+                # only one-piece words: a right first piece of a longer word is not yet a right suggestion,
+                # and lifting such pieces can cost the common one-piece words the keyboard shows most
+                w = w & ~cont[torch.roll(y, -1)]
             out["n_words"][ui] = w.sum()
             out["top1_global"][ui] = ((lg0.argmax(-1) == y) & w).sum()
             out["top1_personal"][ui] = ((lg.argmax(-1) == y) & w).sum()
@@ -274,7 +279,7 @@ def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.T
 
 
 def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
-                starts: torch.Tensor | None = None) -> list[UserResult]:
+                starts: torch.Tensor | None = None, cont: torch.Tensor | None = None) -> list[UserResult]:
     """Train the adapters of one group of users together; keep each user's best validation check; gate."""
     U, d, V = len(users), base.cfg.embed_dim, base.vocab_size
     feats = base_features(base, [s for u in users for s in u.train] + [s for u in users for s in u.val])
@@ -335,10 +340,10 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
             sp[ui, piece] = v
     ub_full = torch.zeros(U, V).scatter_(1, S, ub_b) + sp
     val_g = ((va.logZ - va.base_y) * Mva).sum(1) / n_va.clamp(min=1)
-    ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts)
+    ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts, cont)
     has_sp = torch.tensor([bool(u.spelling) for u in users])
     ex_sp = _exact_val(base, Fva[has_sp], Yva[has_sp], Mva[has_sp], torch.zeros_like(A_b[has_sp]),
-                       torch.zeros_like(B_b[has_sp]), sp[has_sp], starts) if has_sp.any() else None
+                       torch.zeros_like(B_b[has_sp]), sp[has_sp], starts, cont) if has_sp.any() else None
     sp_row = (torch.cumsum(has_sp, 0) - 1).tolist()
     out = []
     for ui, u in enumerate(users):
@@ -361,10 +366,12 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
 
 
 def train_adapters(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig, starts: torch.Tensor | None = None,
+                   cont: torch.Tensor | None = None,
                    progress: Callable[[int, int], None] | None = None) -> list[UserResult]:
     """Adapters and gate decisions for every user, group by group (results in the input order).
 
-    `starts` (vocab,) marks pieces that begin a word; the gate compares top-1 accuracy there.
+    `starts` (vocab,) marks pieces that begin a word; the gate compares top-1 accuracy there (with `cont`,
+    the pieces that continue a word, only where the word is one piece).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -372,7 +379,7 @@ def train_adapters(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
     by_user: dict[str, UserResult] = {}
     done = 0
     for grp in pack_groups(users, cfg.group_tokens):
-        for r in train_group(base, grp, cfg, starts):
+        for r in train_group(base, grp, cfg, starts, cont):
             by_user[r.user] = r
         done += len(grp)
         if progress:

@@ -26,7 +26,7 @@ class PersonalConfig:
     batch_tokens: int = _f(256, "pieces per user per step (users with fewer train on all of theirs each step)")
     lr: float = _f(0.01, "Adam learning rate of the low-rank adapter")
     bias_lr: float = _f(0.7, "damping of the output bias's diagonal Newton steps (1: full steps)")
-    prior_bias: float = _f(10.0, "pseudo-count of the output bias's prior: bias ~ log((typed + k) / (expected + k))")
+    prior_bias: float = _f(30.0, "pseudo-count of the output bias's prior: bias ~ log((typed + k) / (expected + k))")
     regional_penalty: float = _f(4.0, "spelling preference: where the user typed one variant of an American/British "
                                  "pair and never the other, the other's first piece goes down this many nats (0: off)")
     regional_max_lift: float = _f(3.0, "spelling preference: the own variant's first piece goes up by at most this "
@@ -37,6 +37,8 @@ class PersonalConfig:
     val_frac: float = _f(0.1, "latest fraction of each user's train messages used as the local validation slice")
     min_val_tokens: int = _f(8, "users with fewer validation pieces keep the global model")
     gate_margin: float = _f(0.002, "keep the adapter only if it lowers validation loss by this fraction")
+    gate_top1_gain: int = _f(1, "... and only if it gets at least this many more one-piece validation words right at "
+                             "top-1 (a lower loss alone often comes with worse whole-word suggestions)")
     max_train_tokens: int = _f(2048, "train on at most the latest this many pieces of each user")
     max_val_tokens: int = _f(512, "validate on at most the latest this many pieces of each user")
     max_len: int = _f(64, "longer messages are cut to this many pieces")

@@ -28,6 +28,9 @@ def decide(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
         return False, f"validation slice too small ({r.val_tokens} pieces)"
     if not r.val_personal < r.val_global * (1 - cfg.gate_margin):
         return False, "validation loss did not improve"
-    if r.extra.get("val_top1_personal", 0) < r.extra.get("val_top1_global", 0):
+    gain = r.extra.get("val_top1_personal", 0) - r.extra.get("val_top1_global", 0)
+    if gain < 0:
         return False, "validation top-1 got worse"
+    if gain < cfg.gate_top1_gain:
+        return False, "validation top-1 did not improve"
     return True, "validation improved"

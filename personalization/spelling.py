@@ -4,7 +4,8 @@ The data-driven bias cannot flip "favorite" -> "favourite": a word typed a handf
 bias by a fraction of a nat under any prior strong enough not to hurt top-1 elsewhere, while the base
 prefers the American variant by 1-3 nats. A public American/British pair list makes the step explicit:
 where the user typed one variant of a pair and never the other, the other variant's first piece goes
-down by `penalty` nats and the own variant's first piece takes over the other's unigram mass. A user
+down by `penalty` nats (only where that piece is the whole word: "▁travel" of "travelled" is also "travel")
+and the own variant's first piece takes over the other's unigram mass. A user
 whose typed pairs are all of one region gets that region's variant for every pair ("British-ness
 generalizes"). Only first pieces are touched: a continuation piece ("ise", "er") is shared by
 unrelated words, and so is a short first piece ("▁the" of "theatre", "▁mu" of "mum").
@@ -33,8 +34,8 @@ def first_piece(tok, word: str) -> int | None:
 
 
 def preferences(counts: Counter, pairs: dict[str, str], min_words: int) -> list[tuple[str, str]]:
-    """(own, other) variants the user prefers: each pair typed one way only, and with `min_words` or more
-    such words all of one region (and none of the other), every pair of the list that region's way."""
+    """(own, other) variants the user prefers: each pair typed one way only (of the region the user typed
+    more such words of), and with `min_words` or more such words all of one region, every pair that way."""
     typed, regions = [], Counter()
     for us, gb in pairs.items():
         cu, cg = counts.get(us, 0), counts.get(gb, 0)
@@ -42,6 +43,10 @@ def preferences(counts: Counter, pairs: dict[str, str], min_words: int) -> list[
             typed.append((us, gb)); regions["US"] += cu
         elif cg and not cu:
             typed.append((gb, us)); regions["GB"] += cg
+    if len(regions) == 2 and regions["US"] != regions["GB"]:
+        # a stray variant ("grey" once among many "favorite"s) is not a preference: the majority region wins
+        major = regions.most_common(1)[0][0]
+        typed = [(own, other) for own, other in typed if (own in pairs) == (major == "US")]
     if min_words and len(regions) == 1 and sum(regions.values()) >= min_words:
         gb_way = "GB" in regions
         done = {frozenset(p) for p in typed}
@@ -52,7 +57,7 @@ def preferences(counts: Counter, pairs: dict[str, str], min_words: int) -> list[
 
 
 def spelling_bias(prefs: list[tuple[str, str]], tok, out_bias: np.ndarray, penalty: float,
-                  max_lift: float, cache: dict[str, int | None] | None = None) -> dict[int, float]:
+                  max_lift: float, cache: dict[str, tuple] | None = None) -> dict[int, float]:
     """Bias entries {piece: nats} of the preferences: the other variant's first piece down by `penalty`,
     the own variant's up by log(1 + p(other) / p(own)) under the base's unigram bias (at most `max_lift`)."""
     if penalty <= 0 or not prefs:
@@ -63,11 +68,13 @@ def spelling_bias(prefs: list[tuple[str, str]], tok, out_bias: np.ndarray, penal
     for own, other in prefs:
         for w in (own, other):
             if w not in cache:
-                cache[w] = first_piece(tok, w)
-        po, pt = cache[own], cache[other]
+                cache[w] = (first_piece(tok, w), len(tok.encode(w)))
+        (po, _), (pt, n_other) = cache[own], cache[other]
         if pt is None or po == pt:
             continue
-        down.add(pt)
+        if n_other == 1:
+            # only a piece that is the whole other word goes down: "▁travel" of "travelled" is also "travel"
+            down.add(pt)
         if po is not None:
             lift = min(max_lift, math.log1p(math.exp(float(out_bias[pt]) - float(out_bias[po]))))
             up[po] = max(up.get(po, 0.0), lift)
@@ -79,7 +86,7 @@ def spelling_bias(prefs: list[tuple[str, str]], tok, out_bias: np.ndarray, penal
 
 def attach_spelling(users: list, tok, out_bias: np.ndarray, pairs: dict[str, str], cfg) -> None:
     """Set each UserData's `spelling` bias entries from the words of their train messages."""
-    cache: dict[str, int | None] = {}
+    cache: dict[str, tuple] = {}
     for u in users:
         u.spelling = spelling_bias(preferences(u.words, pairs, cfg.regional_min_words), tok, out_bias,
                                    cfg.regional_penalty, cfg.regional_max_lift, cache)

@@ -206,8 +206,9 @@ def test_spelling_preferences_from_own_words():
     # enough British words and no American ones: every pair the British way
     got = preferences(Counter({"colour": 2}), PAIRS, 2)
     assert set(got) == {("colour", "color"), ("favourite", "favorite"), ("colours", "colors")}
-    # a mixed user generalizes nothing
+    # a mixed user generalizes nothing; a stray variant gives way to the user's majority
     assert preferences(Counter({"colour": 2, "favorite": 2}), PAIRS, 2) == [("colour", "color"), ("favorite", "favourite")]
+    assert preferences(Counter({"colour": 1, "favorite": 5}), PAIRS, 2) == [("favorite", "favourite")]
 
 
 def test_spelling_bias_touches_only_specific_first_pieces(fed_model, tiny_tok):
