@@ -36,8 +36,8 @@ class PersonalConfig:
     prior_adapter: float = _f(4.0, "Gaussian prior on the adapter's B: this times its squared norm joins the summed loss")
     val_frac: float = _f(0.1, "latest fraction of each user's train messages used as the local validation slice")
     min_val_tokens: int = _f(8, "users with fewer validation pieces keep the global model")
-    gate_margin: float = _f(0.002, "keep the adapter only if it lowers validation loss by this fraction")
-    gate_top1_gain: int = _f(1, "... and only if it gets at least this many more one-piece validation words right at "
+    gate_margin: float = _f(0.03, "keep the adapter only if it lowers validation loss by this fraction")
+    gate_top1_gain: int = _f(2, "... and only if it gets at least this many more one-piece validation words right at "
                              "top-1 (a lower loss alone often comes with worse whole-word suggestions)")
     max_train_tokens: int = _f(2048, "train on at most the latest this many pieces of each user")
     max_val_tokens: int = _f(512, "validate on at most the latest this many pieces of each user")
