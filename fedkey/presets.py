@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 PRESETS: dict[str, dict[str, dict]] = {
-    # about 10 minutes of compute on 2 cores, so the README's first command ends within 15
+    # about 11 minutes on 2 cores, so the README's first command (with its ~3-minute install) ends within 15
     "quick": {
-        "central": {"max_tokens": 1_000_000},
-        "fl": {"max_tokens": 1_000_000},
+        "central": {"max_tokens": 800_000},
+        "fl": {"max_tokens": 800_000},
         "eval": {"max_positions": 20_000, "ksr_messages": 300},
         # every user in about a minute of training: the latest 1k pieces each, a 512-piece shortlist, 20 steps
         "personal": {"steps": 20, "max_train_tokens": 1024, "max_val_tokens": 256, "shortlist": 512},
