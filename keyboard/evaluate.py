@@ -84,6 +84,40 @@ def _states_stepwise(backend, seqs: list[list[int]], wanted: list[list[int]]):
     return nll, np.stack(out_lp), np.stack(out_h), np.stack(out_c), rows
 
 
+def search_queries(backend: StepBackend, table: PieceTable, qs: list[_Query], parsed: dict, row_of: dict,
+                   logp: np.ndarray, h: np.ndarray, c: np.ndarray, cfg: EvalConfig, results: dict) -> None:
+    """Whole-word searches of queries from their rows' (logp, h, c), cfg.batch at a time, into results."""
+    for s in range(0, len(qs), cfg.batch):
+        part = qs[s : s + cfg.batch]
+        r = np.array([row_of[(q.msg, parsed[q.msg][0][q.word_idx][0])] for q in part], dtype=np.int64)
+        partials = [parsed[q.msg][0][q.word_idx][1][: q.typed] for q in part]
+        spaces = [parsed[q.msg][0][q.word_idx][2] for q in part]
+        found = search_words(backend, table, logp[r], h[r], c[r], partials, spaces,
+                             k=3, beam=cfg.beam, max_pieces=cfg.max_pieces)
+        for q, f in zip(part, found):
+            results[(q.msg, q.word_idx, q.typed)] = [w for w, _ in f]
+
+
+def in_chunks(chosen: list[int], ids: list[list[int]], by_msg: dict, flush: Callable[[list[int]], None],
+              progress: Callable[[int, int], None] | None) -> None:
+    """Call flush on chunks of similar-length messages of bounded work (pieces + 8 per query), reporting progress."""
+    done, budget, chunk = 0, 0, []
+    for i in sorted(chosen, key=lambda i: len(ids[i])):
+        chunk.append(i)
+        budget += (len(ids[i]) + 2) + 8 * len(by_msg[i])
+        if budget >= 6000:
+            flush(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, len(chosen))
+            chunk, budget = [], 0
+    if chunk:
+        flush(chunk)
+        done += len(chunk)
+        if progress:
+            progress(done, len(chosen))
+
+
 def evaluate(
     model: torch.nn.Module | StepBackend,
     tok: Tokenizer,
@@ -136,9 +170,6 @@ def evaluate(
 
     results: dict[tuple[int, int, int], list[str]] = {}
     nll_of: dict[int, float] = {}
-    chosen_by_len = sorted(chosen, key=lambda i: len(ids[i]))
-    done = 0
-    chunk: list[int] = []
 
     def flush(chunk: list[int]) -> None:
         seqs = [frame(ids[i], 10**9) for i in chunk]
@@ -149,31 +180,9 @@ def evaluate(
             nll_of[i] = float(nll[b])
         row_of = {(chunk[b], t): r for r, (b, t) in enumerate(rows)}
         qs = [q for i in chunk for q in by_msg[i]]
-        for s in range(0, len(qs), cfg.batch):
-            part = qs[s : s + cfg.batch]
-            r = np.array([row_of[(q.msg, parsed[q.msg][0][q.word_idx][0])] for q in part], dtype=np.int64)
-            partials = [parsed[q.msg][0][q.word_idx][1][: q.typed] for q in part]
-            spaces = [parsed[q.msg][0][q.word_idx][2] for q in part]
-            found = search_words(backend, table, logp[r], h[r], c[r], partials, spaces,
-                                 k=3, beam=cfg.beam, max_pieces=cfg.max_pieces)
-            for q, f in zip(part, found):
-                results[(q.msg, q.word_idx, q.typed)] = [w for w, _ in f]
+        search_queries(backend, table, qs, parsed, row_of, logp, h, c, cfg, results)
 
-    budget = 0
-    for i in chosen_by_len:
-        chunk.append(i)
-        budget += (len(ids[i]) + 2) * 1 + 8 * len(by_msg[i])
-        if budget >= 6000:
-            flush(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, len(chosen))
-            chunk, budget = [], 0
-    if chunk:
-        flush(chunk)
-        done += len(chunk)
-        if progress:
-            progress(done, len(chosen))
+    in_chunks(chosen, ids, by_msg, flush, progress)
 
     if record is not None:
         record.update(results)

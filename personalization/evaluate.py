@@ -20,10 +20,9 @@ import torch
 from fedkey.config import EvalConfig
 from keyboard.adapter_file import AdapterArrays
 from keyboard.batches import frame
-from keyboard.evaluate import Message, _Query, _tally  # the same selection and tally as evaluate()
+from keyboard.evaluate import Message, _Query, _tally, in_chunks, search_queries  # the same selection, search and tally as evaluate()
 from keyboard.metrics import regional_hit
 from keyboard.model import KeyboardLM
-from keyboard.search import search_words
 from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import lstm_cell
 from keyboard.words import WORD_RE, PieceTable, normalize
@@ -225,7 +224,6 @@ def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progres
     results: list[dict] = [{} for _ in banks]
     nll_of: list[dict] = [{} for _ in banks]
     backends = [MultiUserBackend(base, b) for b in banks]
-    done, budget, chunk = 0, 0, []
 
     def flush(chunk: list[int]) -> None:
         seqs = [frame(ids[i], 10**9) for i in chunk]
@@ -247,29 +245,7 @@ def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progres
                 nll_of[k][i] = float(nll[b])
             h_w = np.concatenate([H[bi, ti].numpy(), rows[bi].numpy()[:, None].astype(np.float32)], axis=1)
             c_w = C[bi, ti].numpy()
-            for s in range(0, len(qs), cfg.batch):
-                part = qs[s: s + cfg.batch]
-                r = np.array([row_of[(q.msg, parsed[q.msg][0][q.word_idx][0])] for q in part], dtype=np.int64)
-                partials = [parsed[q.msg][0][q.word_idx][1][: q.typed] for q in part]
-                spaces = [parsed[q.msg][0][q.word_idx][2] for q in part]
-                found = search_words(backend, table, lp_w[r], h_w[r], c_w[r], partials, spaces,
-                                     k=3, beam=cfg.beam, max_pieces=cfg.max_pieces)
-                for q, f in zip(part, found):
-                    results[k][(q.msg, q.word_idx, q.typed)] = [w for w, _ in f]
+            search_queries(backend, table, qs, parsed, row_of, lp_w, h_w, c_w, cfg, results[k])
 
-    # chunks by length, as evaluate() makes them
-    for i in sorted(chosen, key=lambda i: len(ids[i])):
-        chunk.append(i)
-        budget += (len(ids[i]) + 2) + 8 * len(by_msg[i])
-        if budget >= 6000:
-            flush(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, len(chosen))
-            chunk, budget = [], 0
-    if chunk:
-        flush(chunk)
-        done += len(chunk)
-        if progress:
-            progress(done, len(chosen))
+    in_chunks(chosen, ids, by_msg, flush, progress)  # chunks by length, as evaluate() makes them
     return results, nll_of
