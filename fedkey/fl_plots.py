@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from fedkey.io import atomic_write_bytes
+from fedkey.io import save_figure
 
 
 def _series(hist: list[dict[str, Any]], split: str) -> tuple[list[int], list[float], list[float]]:
@@ -42,9 +41,6 @@ def plot_history(hist: list[dict[str, Any]], out_dir: Path, central_top1: float 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        atomic_write_bytes(out_dir / fname, buf.getvalue())
-        plt.close(fig)
+        save_figure(fig, out_dir / fname)
         paths.append(out_dir / fname)
     return paths

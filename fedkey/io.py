@@ -45,6 +45,16 @@ def read_json(path: str | Path) -> Any:
         raise FedkeyError(f"{path}: not valid JSON ({e}); delete it and re-run the stage that wrote it") from None
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG atomically and close it (no half-written plot beside a table)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_torch(path: str | Path, obj: Any) -> None:
     """torch.save through a temp file, so a kill mid-write keeps the previous good file."""
     import torch

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedkey.io import atomic_write_bytes
+from fedkey.io import save_figure
 from fedkey.tables import metrics_table
 
 THRESHOLD = 0.005  # a user counts as improved / hurt when top-1 moves by more than half a point
@@ -38,7 +38,6 @@ def count_changes(gains: dict[str, float], region_of: dict[str, str]) -> dict:
 
 def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, title: str) -> None:
     """PNG histogram of per-user top-1 gains in points, one colour per region."""
-    import io
 
     import matplotlib
 
@@ -60,10 +59,7 @@ def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, ti
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def _pct(x: float | None, signed: bool = False) -> str:

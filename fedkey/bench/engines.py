@@ -24,7 +24,7 @@ from typing import Any
 
 from fedkey import config as C
 from fedkey.errors import FedkeyError
-from fedkey.io import read_json, write_json
+from fedkey.io import read_json, save_figure, write_json
 from fedkey.tables import console
 
 KEYS = ("local_round_s", "flower_sim_round_s", "flower_deploy_round_s", "compute_floor_round_s",
@@ -274,8 +274,7 @@ def plot(out: dict[str, Any], path: Path) -> Path:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"{out['clients']} clients/round x {out['local_steps']} local steps")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 

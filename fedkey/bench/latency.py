@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedkey.errors import FedkeyError
-from fedkey.io import write_json
+from fedkey.io import save_figure, write_json
 from fedkey.progress import bar
 from fedkey.tables import console
 
@@ -207,7 +207,4 @@ def _plot(lat: list[float], cpu: list[float], res: dict, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

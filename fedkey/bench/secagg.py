@@ -25,7 +25,7 @@ import numpy as np
 from fedkey import config as C
 from fedkey import pipeline as P
 from fedkey.errors import FedkeyError
-from fedkey.io import write_json
+from fedkey.io import save_figure, write_json
 from fedkey.progress import bar
 from fedkey.tables import console
 from fl_core.config import FLConfig
@@ -253,7 +253,4 @@ def _plot(rows: list[dict], out: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
