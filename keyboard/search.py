@@ -51,6 +51,12 @@ def search_words(
     not only the top k: a caller can reuse them while the same word is being typed.
     """
     nq = len(partials)
+    if nq == 1:  # a keyboard asks one query per keystroke: no per-query bookkeeping, same results
+        found, done = _search_one(backend, table, logp0[0], h0[0], c0[0], partials[0], spaces[0], k, beam,
+                                  max_pieces, wave)
+        if completed is not None:
+            completed.append(done)
+        return [found]
     completes: list[dict[str, float]] = [{} for _ in range(nq)]
     thresh = np.full(nq, -np.inf)
 
@@ -167,3 +173,97 @@ def search_words(
     if completed is not None:
         completed.extend(completes)
     return [sorted(d.items(), key=lambda kv: -kv[1])[:k] for d in completes]
+
+
+def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: np.ndarray, c0: np.ndarray,
+                part: str, space: bool, k: int, beam: int, max_pieces: int, wave: int
+                ) -> tuple[list[tuple[str, float]], dict[str, float]]:
+    """search_words for one query: the same expansions in the same order, with the frontier in Python lists.
+
+    Per keystroke the frontier holds a handful of prefixes, where NumPy's per-call cost exceeded the work;
+    only the per-row vocabulary operations (boundary mass, best continuations) stay vectorized.
+    """
+    done: dict[str, float] = {}
+    thresh = -np.inf
+    if part:
+        cand = table.compatible("start_space" if space else "start_nospace", part)
+        sc = logp0[cand]
+        top = np.argsort(-sc)[:beam]
+    else:
+        cand = table.start_space if space else table.start_nospace
+        if len(cand) == 0:
+            return [], done
+        sc = logp0[cand]
+        top = _top_per_row(sc[None], beam)[0]
+    if len(cand) == 0:
+        return [], done
+    piece = cand[top].tolist()
+    score = sc[top].astype(np.float64).tolist()
+    n = len(piece)
+    H, C = np.repeat(h0[None], n, 0), np.repeat(c0[None], n, 0)
+    depth = [0] * n
+    surface = table.surface
+    surf = [surface[p] for p in piece]
+    lp_part = len(part)
+    ahead = hasattr(backend, "step_ahead")
+
+    for _ in range(beam * max_pieces):  # a bound; the frontier empties long before
+        if not piece:
+            break
+        # stable sort by score, as np.lexsort does for one query: equal scores keep their order
+        order = [i for i in sorted(range(len(score)), key=score.__getitem__, reverse=True) if score[i] >= thresh]
+        if not order:
+            break
+        # sorted(reverse=True) keeps equal keys in their original order, as the stable lexsort on -score does
+        order = order[:beam]
+        go, wait = order[:wave], order[wave:]
+        if wait and ahead:  # a caching backend may run them in the same call
+            backend.step_ahead(np.array([piece[i] for i in wait], dtype=np.int64), H[wait], C[wait])
+        logp, Hn, Cn = backend.step(np.array([piece[i] for i in go], dtype=np.int64), H[go], C[go])
+        gscore = [score[i] for i in go]
+        gdepth = [depth[i] for i in go]
+        gsurf = [surf[i] for i in go]
+        cont_lp = logp.take(table.cont, axis=1)
+        p_more = np.exp(logp.take(table.nonboundary, axis=1)).sum(axis=1)
+        bnd = np.log(np.clip(1.0 - p_more, 1e-12, None)).tolist()
+        touched = False
+        for b, word in enumerate(gsurf):
+            if len(word) >= lp_part and word.startswith(part) and WORD_RE.fullmatch(word):
+                total = gscore[b] + bnd[b]
+                old = done.get(word)
+                done[word] = total if old is None else float(np.logaddexp(old, total))
+                touched = True
+        if touched and len(done) >= k:
+            thresh = sorted(done.values(), reverse=True)[k - 1]
+
+        # children: pieces that continue the word (and still fit what was typed)
+        parent: list[int] = []
+        cpiece: list[int] = []
+        cscore: list[float] = []
+        free = [b for b in range(len(go)) if gdepth[b] + 1 < max_pieces and len(gsurf[b]) >= lp_part]
+        if free:
+            sub = cont_lp[free]
+            top = _top_per_row(sub, beam)
+            vals = (np.asarray(gscore)[free, None] + np.take_along_axis(sub, top, axis=1)).tolist()
+            ids = table.cont[top].tolist()
+            for r, b in enumerate(free):
+                parent.extend([b] * len(ids[r])); cpiece.extend(ids[r]); cscore.extend(vals[r])
+        for b in range(len(go)):
+            if gdepth[b] + 1 < max_pieces and len(gsurf[b]) < lp_part:
+                allowed = table.compatible("cont", part[len(gsurf[b]):])
+                if len(allowed) == 0:
+                    continue
+                lp = logp[b, allowed]
+                o = np.argsort(-lp)[:beam]
+                parent.extend([b] * len(o)); cpiece.extend(allowed[o].tolist())
+                cscore.extend((gscore[b] + lp[o].astype(np.float64)).tolist())
+        keep = [j for j, s in enumerate(cscore) if s >= thresh and s != -np.inf]
+        kept_parent = [parent[j] for j in keep]
+        # the new frontier: prefixes still waiting plus the children just made
+        H = np.concatenate([H[wait], Hn[kept_parent]])
+        C = np.concatenate([C[wait], Cn[kept_parent]])
+        piece = [piece[i] for i in wait] + [cpiece[j] for j in keep]
+        score = [score[i] for i in wait] + [cscore[j] for j in keep]
+        depth = [depth[i] for i in wait] + [gdepth[p] + 1 for p in kept_parent]
+        surf = [surf[i] for i in wait] + [gsurf[parent[j]] + surface[cpiece[j]] for j in keep]
+    return sorted(done.items(), key=lambda kv: -kv[1])[:k], done

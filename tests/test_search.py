@@ -1,0 +1,33 @@
+"""The whole-word search: the one-query path a keyboard takes equals the batched path evaluation takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from keyboard.predictor import Predictor
+from keyboard.search import search_words
+from keyboard.torch_backend import TorchBackend
+from keyboard.words import PieceTable, split_typed
+
+TEXTS = ["", "how are ", "how are yo", "I like the Colo", "my favorite food is piz", "the weather is n",
+         "see you tomorrow at the ", "hi,how", "thank you so much for the he", "hello zzq", "don't"]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_one_query_matches_batched(tiny_model, tiny_tok, k):
+    backend, table = TorchBackend(tiny_model), PieceTable.from_tokenizer(tiny_tok)
+    pred = Predictor(backend, table, tiny_tok.encode)
+    queries = []
+    for text in TEXTS:
+        context, partial, space = split_typed(text)
+        logp, h, c = pred._state_for(tiny_tok.encode(context) if context.strip() else [])
+        queries.append((logp, h, c, partial, space))
+    batched = search_words(backend, table, *(np.concatenate([q[i] for q in queries]) for i in range(3)),
+                           [q[3] for q in queries], [q[4] for q in queries], k=k)
+    for q, want in zip(queries, batched):
+        done: list[dict[str, float]] = []
+        got = search_words(backend, table, q[0], q[1], q[2], [q[3]], [q[4]], k=k, completed=done)[0]
+        assert [w for w, _ in got] == [w for w, _ in want]
+        assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
+        assert all(done[0][w] == s for w, s in got)  # every returned word is among the completed ones
