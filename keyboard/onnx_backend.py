@@ -83,11 +83,14 @@ class StepCache:
     same pieces as the previous keystroke's; finishing a word steps pieces that search already ran.
     A hit returns the stored rows, so results match running the same steps again (up to the last bits
     of float rounding, which can differ when a row is computed in a batch of another size).
+    Rows live in preallocated arrays (one slot per remembered step): storing a run and answering hits
+    are one vectorized copy per output instead of one small array per row.
     """
 
     def __init__(self, backend, capacity: int = 128) -> None:
         self.backend, self.capacity = backend, capacity
-        self._rows: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._slot: OrderedDict[tuple, int] = OrderedDict()  # key -> slot, least recently used first
+        self._store: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.hits = self.misses = self.ahead = 0
         self._ahead: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -102,54 +105,76 @@ class StepCache:
 
     def clear(self) -> None:
         """Forget every stored step (after the adapter changes)."""
-        self._rows.clear()
+        self._slot.clear()
+
+    def _put(self, keys: list[tuple], logp: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
+        if self._store is None:
+            self._store = tuple(np.empty((self.capacity,) + a.shape[1:], a.dtype) for a in (logp, h, c))
+        keys = keys[: self.capacity]  # a run larger than the cache keeps its first rows
+        slots = []
+        for key in keys:
+            if len(self._slot) < self.capacity:
+                slot = len(self._slot)
+            else:
+                _, slot = self._slot.popitem(last=False)  # reuse the least recently used slot
+            self._slot[key] = slot
+            slots.append(slot)
+        for store, rows in zip(self._store, (logp, h, c)):
+            store[slots] = rows[: len(slots)]
 
     def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stored rows where this (piece, h) was stepped before; one backend run for the rest."""
         if self.capacity <= 0:
             return self.backend.step(ids, h, c)
-        rows = self._rows
+        slot_of = self._slot
         # h (the projected output) identifies the state: two paths with bit-identical h and different c
         # would need identical o * tanh(c) projections, and hashing h is 7x cheaper than hashing c too
         keys = [(i, hr.tobytes()) for i, hr in zip(ids.tolist(), h)]
-        miss = []
-        for j, key in enumerate(keys):
-            if key in rows:
-                rows.move_to_end(key)
-            else:
-                miss.append(j)
+        miss = [j for j, key in enumerate(keys) if key not in slot_of]
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
         ahead, self._ahead = self._ahead, None
-        out = None
-        if miss:
-            m = np.array(miss)
-            run_ids, run_h, run_c = np.asarray(ids)[m], np.asarray(h)[m], np.asarray(c)[m]
-            extra: list[tuple] = []
-            if ahead is not None:
-                seen = {keys[j] for j in miss}
-                for i, hr, cr in zip(ahead[0].tolist(), ahead[1], ahead[2]):
-                    key = (i, hr.tobytes())
-                    if key not in rows and key not in seen:
-                        seen.add(key)
-                        extra.append((key, i, hr, cr))
+        if not miss:
+            for key in keys:
+                slot_of.move_to_end(key)
+            slots = [slot_of[key] for key in keys]
+            return tuple(store[slots] for store in self._store)
+        miss_keys = list(dict.fromkeys(keys[j] for j in miss))  # a row asked twice is run once
+        first = {key: j for j, key in reversed(list(enumerate(keys)))}
+        m = [first[key] for key in miss_keys]
+        run_ids, run_h, run_c = np.asarray(ids)[m], np.asarray(h)[m], np.asarray(c)[m]
+        if ahead is not None:
+            seen = set(miss_keys)
+            extra = []
+            for j, (i, hr) in enumerate(zip(ahead[0].tolist(), ahead[1])):
+                key = (i, hr.tobytes())
+                if key not in slot_of and key not in seen:
+                    seen.add(key)
+                    extra.append(j)
+                    miss_keys.append(key)
             if extra:
-                run_ids = np.concatenate([run_ids, np.array([e[1] for e in extra], dtype=np.int64)])
-                run_h = np.concatenate([run_h, np.stack([e[2] for e in extra])])
-                run_c = np.concatenate([run_c, np.stack([e[3] for e in extra])])
+                run_ids = np.concatenate([run_ids, ahead[0][extra]])
+                run_h = np.concatenate([run_h, ahead[1][extra]])
+                run_c = np.concatenate([run_c, ahead[2][extra]])
                 self.ahead += len(extra)
-            logp, h2, c2 = self.backend.step(run_ids, run_h, run_c)
-            for r, key in enumerate([keys[j] for j in miss] + [e[0] for e in extra]):
-                # copies: a view would keep the whole batch's output alive
-                rows[key] = (logp[r].copy(), h2[r].copy(), c2[r].copy())
-            if len(miss) == len(keys):
-                n = len(keys)
-                out = (logp[:n], h2[:n], c2[:n]) if extra else (logp, h2, c2)
-        if out is None:
-            got = [rows[key] for key in keys]
-            out = (np.stack([g[0] for g in got]), np.stack([g[1] for g in got]), np.stack([g[2] for g in got]))
-        while len(rows) > self.capacity:
-            rows.popitem(last=False)
+        logp, h2, c2 = self.backend.step(run_ids, run_h, run_c)
+        n = len(keys)
+        if len(m) == n:  # nothing stored was asked: the run is the answer
+            out = (logp[:n], h2[:n], c2[:n])
+        else:  # stored rows and fresh ones, in the order asked
+            row = {key: r for r, key in enumerate(miss_keys)}
+            fresh = [j for j, key in enumerate(keys) if key in row]
+            old = [j for j, key in enumerate(keys) if key not in row]
+            out = []
+            for store, run in zip(self._store, (logp, h2, c2)):
+                o = np.empty((n,) + run.shape[1:], run.dtype)
+                o[fresh] = run[[row[keys[j]] for j in fresh]]
+                o[old] = store[[slot_of[keys[j]] for j in old]]
+                out.append(o)
+            for j in old:
+                slot_of.move_to_end(keys[j])
+            out = tuple(out)
+        self._put(miss_keys, logp, h2, c2)
         return out
 
     def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -225,7 +225,7 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
         gsurf = [surf[i] for i in go]
         cont_lp = logp.take(table.cont, axis=1)
         p_more = np.exp(logp.take(table.nonboundary, axis=1)).sum(axis=1)
-        bnd = np.log(np.clip(1.0 - p_more, 1e-12, None)).tolist()
+        bnd = np.log(np.maximum(1.0 - p_more, 1e-12)).tolist()  # np.clip's overhead is a third of this line
         touched = False
         for b, word in enumerate(gsurf):
             if len(word) >= lp_part and word.startswith(part) and WORD_RE.fullmatch(word):
@@ -244,7 +244,7 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
         if free:
             sub = cont_lp[free]
             top = _top_per_row(sub, beam)
-            vals = (np.asarray(gscore)[free, None] + np.take_along_axis(sub, top, axis=1)).tolist()
+            vals = (np.asarray(gscore)[free, None] + sub[np.arange(len(free))[:, None], top]).tolist()
             ids = table.cont[top].tolist()
             for r, b in enumerate(free):
                 parent.extend([b] * len(ids[r])); cpiece.extend(ids[r]); cscore.extend(vals[r])

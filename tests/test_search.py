@@ -31,3 +31,20 @@ def test_one_query_matches_batched(tiny_model, tiny_tok, k):
         assert [w for w, _ in got] == [w for w, _ in want]
         assert np.allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
         assert all(done[0][w] == s for w, s in got)  # every returned word is among the completed ones
+
+
+@pytest.mark.parametrize("capacity", [2, 128])
+def test_step_cache_returns_what_the_model_computes(tiny_model, capacity):
+    from keyboard.onnx_backend import StepCache
+
+    backend = TorchBackend(tiny_model)
+    cache = StepCache(backend, capacity=capacity)
+    _, h, c = backend.initial(4)
+    ids = np.array([5, 6, 7, 8])
+    for rows in ([0, 1], [1, 2, 3], [3, 3, 0], [0, 1, 2, 3]):  # hits, misses, a row asked twice
+        cache.step_ahead(ids[[2, 3]], h[[2, 3]], c[[2, 3]])
+        got = cache.step(ids[rows], h[rows], c[rows])
+        want = backend.step(ids[rows], h[rows], c[rows])
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and np.allclose(g, w, atol=1e-5)
+    assert cache.hits > 0 and len(cache._slot) <= capacity
