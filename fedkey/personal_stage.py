@@ -111,8 +111,11 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
     rep: dict[str, Any] = {
         "base_model": str(model_dir), "base_id": bid, "users": len(results),
         "gated_in": sum(r.use_adapter for r in results),
+        "caches_kept": sum(r.cache is not None for r in results),
         "adapter_bytes_mean": sum(sizes.values()) / len(sizes) if sizes else None,
         "adapter_bytes_max": max(sizes.values()) if sizes else None,
+        "cache_bytes_mean": (sum(r.extra["cache_bytes"] for r in results if r.cache) / max(1, sum(bool(r.cache) for r in results))),
+        "cache_bytes_max": max([r.extra["cache_bytes"] for r in results if r.cache] + [0]),
         "use_adapter": {r.user: r.use_adapter for r in results},
         "region_of": {r.user: r.region for r in results},
         "gated_in_by_region": {reg: sum(r.use_adapter for r in results if r.region == reg)
@@ -122,7 +125,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
     if with_eval:
         t1 = time.perf_counter()
         bank = AdapterBank(base, {r.user: AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {})
-                                  for r in results if r.use_adapter})
+                                  for r in results if r.use_adapter}, {r.user: r.cache for r in results if r.cache})
         msgs = _messages(shards, names)
         if not msgs:
             raise FedkeyError(f"{run_dir}: the chosen users have no test messages to compare on")

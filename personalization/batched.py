@@ -24,7 +24,8 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD
 from personalization.config import PersonalConfig
 from personalization.data import UserData
-from personalization.gate import decide, spelling_only_ok
+from personalization.cache import PhraseCache, histories, mix_logp
+from personalization.gate import decide, decide_cache, spelling_only_ok
 
 TOPK_CANDIDATES = 8  # base-model candidates per position that vote for the user's shortlist
 MAX_BIAS_STEP = 1.0  # Newton on a log-count overshoots from far below; a bias moves at most this per step
@@ -47,6 +48,7 @@ class UserResult:
     use_adapter: bool
     reason: str
     extra: dict = field(default_factory=dict)
+    cache: PhraseCache | None = None  # the user's phrase cache, if their gate kept one
 
 
 def user_seed(user: str, seed: int) -> int:
@@ -251,12 +253,15 @@ def step_nll(pos: Positions, ES: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 
 def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor, A: torch.Tensor,
                B: torch.Tensor, ub_full: torch.Tensor, starts: torch.Tensor | None,
-               cont: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               cont: torch.Tensor | None = None, caches: list[PhraseCache | None] | None = None,
+               hists: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """Exact full-vocabulary validation figures per user: mean piece NLL of the adapted model, and top-1
-    piece accuracy at word starts (where the keyboard predicts the next word) of the global and adapted model."""
+    piece accuracy at word starts (where the keyboard predicts the next word) of the global and adapted model;
+    with `caches` (and each user's validation `hists`), also of the global model mixed with the user's cache."""
     E, ob = base.embed.weight.detach(), base.out_bias.detach()
     U = len(F)
-    out = {k: torch.zeros(U) for k in ("nll", "top1_global", "top1_personal", "n_words")}
+    out = {k: torch.zeros(U) for k in ("nll", "top1_global", "top1_personal", "n_words", "nll_cache",
+                                       "top1_cache")}
     with torch.inference_mode():
         Fp = F + torch.bmm(torch.bmm(F, A), B)
         for ui in range(U):
@@ -275,6 +280,11 @@ def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.T
             out["n_words"][ui] = w.sum()
             out["top1_global"][ui] = ((lg0.argmax(-1) == y) & w).sum()
             out["top1_personal"][ui] = ((lg.argmax(-1) == y) & w).sum()
+            if caches is not None and caches[ui] is not None:
+                lp0 = torch.log_softmax(lg0, -1)
+                mixed = torch.from_numpy(mix_logp(lp0.numpy(), [caches[ui]] * len(y), hists[ui]))
+                out["nll_cache"][ui] = -mixed.gather(1, y[:, None]).mean()
+                out["top1_cache"][ui] = ((mixed.argmax(-1) == y) & w).sum()
     return out
 
 
@@ -340,7 +350,13 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
             sp[ui, piece] = v
     ub_full = torch.zeros(U, V).scatter_(1, S, ub_b) + sp
     val_g = ((va.logZ - va.base_y) * Mva).sum(1) / n_va.clamp(min=1)
-    ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts, cont)
+    # the phrase cache is judged as the user would get it on their validation slice: built from the
+    # messages before it (the kept cache is built from all train messages)
+    gate_caches = [PhraseCache.build(u.history[:len(u.history) - u.n_val_messages], cfg.cache_order, cfg.cache_lam,
+                                     cfg.cache_m0) if cfg.cache_order > 1 and u.val else None for u in users]
+    hists = [histories(u.val, [(b, t) for b, s in enumerate(u.val) for t in range(len(s) - 1)], cfg.cache_order - 1)
+             for u in users] if cfg.cache_order > 1 else None
+    ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts, cont, gate_caches, hists)
     has_sp = torch.tensor([bool(u.spelling) for u in users])
     ex_sp = _exact_val(base, Fva[has_sp], Yva[has_sp], Mva[has_sp], torch.zeros_like(A_b[has_sp]),
                        torch.zeros_like(B_b[has_sp]), sp[has_sp], starts, cont) if has_sp.any() else None
@@ -356,6 +372,10 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
         if ex_sp is not None and has_sp[ui] and nv:
             r.extra["val_spelling"] = float(ex_sp["nll"][sp_row[ui]])
             r.extra["val_top1_spelling"] = int(ex_sp["top1_personal"][sp_row[ui]])
+        if gate_caches is not None and gate_caches[ui] is not None and nv:
+            r.extra.update({"val_nll_cache": float(ex["nll_cache"][ui]), "val_top1_cache": int(ex["top1_cache"][ui])})
+        if cfg.cache_order > 1 and decide_cache(r, cfg):
+            r.cache = PhraseCache.build(u.history, cfg.cache_order, cfg.cache_lam, cfg.cache_m0)
         r.use_adapter, r.reason = decide(r, cfg)
         if not r.use_adapter and spelling_only_ok(r, cfg):
             # the trained adapter did not help, but the user's own spelling still should not be overruled

@@ -34,6 +34,12 @@ class PersonalConfig:
     regional_min_words: int = _f(2, "a user with this many regional words typed, all of one region, gets that "
                                  "region's variant of every pair (0: only pairs they typed)")
     prior_adapter: float = _f(4.0, "Gaussian prior on the adapter's B: this times its squared norm joins the summed loss")
+    cache_order: int = _f(4, "phrase cache: the user's own n-grams of up to this many pieces mixed into the next-piece "
+                          "distribution (the classic cache LM; 0: off)")
+    cache_lam: float = _f(0.2, "phrase cache: most weight one context's continuations take from the model")
+    cache_m0: float = _f(5.0, "phrase cache: a context seen n times gets weight cache_lam * n / (n + this)")
+    cache_gate_top1: int = _f(0, "keep the phrase cache only if it gets at least this many more validation words "
+                              "right at top-1 than the model without it, at no higher validation loss (-1: always keep)")
     val_frac: float = _f(0.1, "latest fraction of each user's train messages used as the local validation slice")
     min_val_tokens: int = _f(8, "users with fewer validation pieces keep the global model")
     gate_margin: float = _f(0.03, "keep the adapter only if it lowers validation loss by this fraction")

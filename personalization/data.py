@@ -19,6 +19,8 @@ class UserData:
     val: list[list[int]]
     words: Counter = field(default_factory=Counter)  # words of the train messages (not the validation slice)
     spelling: dict[int, float] = field(default_factory=dict)  # fixed bias entries of the spelling preference
+    history: list[list[int]] = field(default_factory=list)  # every framed train message, validation slice last
+    n_val_messages: int = 0  # the validation slice's messages at the end of `history`
 
     @property
     def train_tokens(self) -> int:
@@ -54,7 +56,8 @@ def split_user(user: str, region: str, ids: list[list[int]], val_frac: float, ma
     nv = n_val(len(seqs), val_frac)
     train, val = seqs[: len(seqs) - nv], seqs[len(seqs) - nv:]
     return UserData(user, region, _latest(train, max_train_tokens) if train else [],
-                    _latest(val, max_val_tokens) if val else [])
+                    _latest(val, max_val_tokens) if val else [], history=seqs,
+                    n_val_messages=nv)
 
 
 def load_users(shards, tok, users: list[str], val_frac: float, max_len: int, max_train_tokens: int,

@@ -26,13 +26,21 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import lstm_cell
 from keyboard.words import WORD_RE, PieceTable, normalize
+from personalization.cache import PhraseCache, histories, mix_logp
 
 
 class AdapterBank:
-    """Many users' adapters stacked into tensors; row 0 is the global model (no adapter)."""
+    """Many users' adapters stacked into tensors; row 0 is the global model (no adapter).
 
-    def __init__(self, base: KeyboardLM, adapters: dict[str, AdapterArrays]) -> None:
+    `caches` adds users' phrase caches: each row then carries its last HISTORY pieces through the search.
+    """
+
+    def __init__(self, base: KeyboardLM, adapters: dict[str, AdapterArrays],
+                 caches: dict[str, PhraseCache] | None = None) -> None:
         d, V = base.cfg.embed_dim, base.vocab_size
+        caches = caches or {}
+        adapters = {**{u: AdapterArrays(np.zeros((d, 0)), np.zeros((0, d)), np.zeros(V), "", u, {}) for u in caches},
+                    **adapters}  # a user with a cache but no adapter gets an empty one
         r = max([ad.A.shape[1] for ad in adapters.values()] + [0])
         self.users = sorted(adapters)
         self.row = {u: i + 1 for i, u in enumerate(self.users)}
@@ -45,6 +53,14 @@ class AdapterBank:
             self.A[i, :, :k] = torch.from_numpy(np.asarray(ad.A, dtype=np.float32))
             self.B[i, :k] = torch.from_numpy(np.asarray(ad.B, dtype=np.float32))
             self.UB[i] = torch.from_numpy(np.asarray(ad.user_bias, dtype=np.float32))
+        self.caches: list[PhraseCache | None] = [None] + [caches.get(u) for u in self.users]
+        self.history = max([c.order - 1 for c in caches.values()] + [0])
+
+    def mix(self, logp: np.ndarray, rows: np.ndarray, hist: np.ndarray) -> np.ndarray:
+        """Log-probabilities of rows mixed with their users' phrase caches after their piece histories."""
+        if not self.history:
+            return logp
+        return mix_logp(logp, [self.caches[r] for r in rows.tolist()], hist)
 
     def rows(self, users: list[str]) -> torch.Tensor:
         """Bank row of each user (0, the global model, for a user without an adapter)."""
@@ -61,20 +77,29 @@ class AdapterBank:
 
 
 class MultiUserBackend:
-    """A StepBackend whose rows each use their own user's adapter; h's last column holds the bank row."""
+    """A StepBackend whose rows each use their own user's adapter (and phrase cache).
+
+    h's columns past the LSTM's hold the bank row, then (with caches) the row's last pieces, oldest first:
+    the search only reorders rows, so both ride along.
+    """
 
     def __init__(self, base: KeyboardLM, bank: AdapterBank) -> None:
         self.base, self.bank = base.eval(), bank
+        self.d = base.lstm.proj_size or base.lstm.hidden_size
 
     @torch.inference_mode()
     def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One LSTM step per row with that row's adapter; the row index is carried to the new h."""
-        rows = torch.from_numpy(h[:, -1].astype(np.int64))
+        """One LSTM step per row with that row's adapter; the row index (and piece history) go to the new h."""
+        d = self.d
+        rows = torch.from_numpy(h[:, d].astype(np.int64))
         x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-        h2, c2 = lstm_cell(self.base.lstm, self.base.embed(x), torch.from_numpy(np.ascontiguousarray(h[:, :-1])),
+        h2, c2 = lstm_cell(self.base.lstm, self.base.embed(x), torch.from_numpy(np.ascontiguousarray(h[:, :d])),
                            torch.from_numpy(np.ascontiguousarray(c)))
-        logp = torch.log_softmax(self.bank.logits(self.base, h2, rows), dim=-1)
-        return logp.numpy(), np.concatenate([h2.numpy(), h[:, -1:]], axis=1), c2.numpy()
+        logp = torch.log_softmax(self.bank.logits(self.base, h2, rows), dim=-1).numpy()
+        hist = np.concatenate([h[:, d + 2:], np.asarray(ids, dtype=np.float32).reshape(-1, 1)], axis=1)[:, -self.bank.history:] \
+            if self.bank.history else h[:, d + 1:d + 1]
+        logp = self.bank.mix(logp, rows.numpy(), hist.astype(np.int64))
+        return logp, np.concatenate([h2.numpy(), h[:, d:d + 1], hist], axis=1), c2.numpy()
 
     def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Not used: rows start from the teacher-forced pass, which knows each row's user."""
@@ -243,7 +268,10 @@ def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progres
                 lp_w = logp[bi, ti].numpy()
             for b, i in enumerate(chunk):
                 nll_of[k][i] = float(nll[b])
-            h_w = np.concatenate([H[bi, ti].numpy(), rows[bi].numpy()[:, None].astype(np.float32)], axis=1)
+            hist = histories(seqs, pairs_bt, bank.history)
+            lp_w = bank.mix(lp_w, rows[bi].numpy(), hist)
+            h_w = np.concatenate([H[bi, ti].numpy(), rows[bi].numpy()[:, None].astype(np.float32),
+                                  hist.astype(np.float32)], axis=1)
             c_w = C[bi, ti].numpy()
             search_queries(backend, table, qs, parsed, row_of, lp_w, h_w, c_w, cfg, results[k])
 

@@ -34,3 +34,14 @@ def decide(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
     if gain < cfg.gate_top1_gain:
         return False, "validation top-1 did not improve"
     return True, "validation improved"
+
+
+def decide_cache(r: "UserResult", cfg: PersonalConfig) -> bool:
+    """Whether the user keeps their phrase cache: validation top-1 gains at least cfg.cache_gate_top1 words over
+    the global model at no higher validation loss (always, with cache_gate_top1 < 0)."""
+    if cfg.cache_gate_top1 < 0:
+        return r.train_tokens > 0
+    if "val_top1_cache" not in r.extra or r.val_tokens < cfg.min_val_tokens:
+        return False
+    gain = r.extra["val_top1_cache"] - r.extra.get("val_top1_global", 0)
+    return gain >= cfg.cache_gate_top1 and r.extra["val_nll_cache"] <= r.val_global

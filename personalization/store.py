@@ -19,9 +19,11 @@ from keyboard.checkpoint import load_model
 from keyboard.model import KeyboardLM
 from keyboard.tokenizer import Tokenizer
 from personalization.batched import UserResult
+from personalization.cache import save_cache
 from personalization.model import PersonalizedLM
 
 PERSONAL, ADAPTERS, GATE, REPORT, GAINS_PNG = "personal", "adapters", "gate.json", "report.json", "gains.png"
+CACHES = "caches"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}$")
 
 
@@ -44,6 +46,11 @@ def adapter_path(run_dir: Path, user: str) -> Path:
     if not _SAFE_ID.match(user):
         raise FedkeyError(f"user id {user!r} cannot name an adapter file (letters, digits and ._@+- only)")
     return run_dir / PERSONAL / ADAPTERS / f"{user}.npz"
+
+
+def cache_path(run_dir: Path, user: str) -> Path:
+    """The phrase-cache file of one user (beside the adapters)."""
+    return adapter_path(run_dir, user).parent.parent / CACHES / f"{user}.npz"
 
 
 def read_gate(run_dir: Path) -> dict:
@@ -70,6 +77,12 @@ def save_results(run_dir: Path, results: list[UserResult], bid: str, model_dir: 
             entry["adapter_bytes"] = sizes[r.user]
         elif path.exists():
             path.unlink()  # an older adapter this user's gate now rejects must not be picked up
+        cpath = cache_path(run_dir, r.user)
+        entry["use_cache"] = r.cache is not None
+        if r.cache is not None:
+            entry["cache_bytes"] = r.extra["cache_bytes"] = save_cache(cpath, r.cache, bid, r.user)
+        elif cpath.exists():
+            cpath.unlink()
         gate[r.user] = entry
     write_json(run_dir / PERSONAL / GATE, dict(sorted(gate.items())))
     return sizes

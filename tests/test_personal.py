@@ -244,3 +244,39 @@ def test_regional_accuracy_after_the_shared_prefix(fed_model, tiny_tok, brit):
     # 2 colour positions and one favourite ("favo" typed); the adapter at least fixes the colours
     assert pre_g["GB"]["n"] == 3 and pre_g["GB"]["acc"] < pre_p["GB"]["acc"] and pre_p["GB"]["acc"] >= 2 / 3
     assert pre_g["US"]["acc"] == pre_p["US"]["acc"] == 1.0  # no adapter for the American user
+
+
+WEATHER = "i like the weather"  # the federation says "i like the color": this user's own phrase differs
+
+
+def test_phrase_cache_mixes_own_continuations(tiny_tok, tmp_path):
+    from personalization.cache import PhraseCache, histories, load_cache, mix_logp, save_cache
+
+    seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch([WEATHER] * 5)]
+    cache = PhraseCache.build(seqs, order=4, lam=0.5, m0=1.0)
+    V = tiny_tok.vocab_size
+    logp = np.full((2, V), -np.log(V))
+    s = seqs[0]
+    t = len(s) - 3  # the input before "weather"'s first piece ... and an unseen history
+    hist = np.vstack([histories([s], [(0, t)], 3), np.array([[-1, -1, tiny_tok.encode("pizza")[0]]])])
+    mixed = mix_logp(logp, [cache, cache], hist)
+    assert np.allclose(np.exp(mixed).sum(1), 1.0)
+    assert mixed[0, s[t + 1]] > np.log(0.5) and np.array_equal(mixed[1], logp[1])  # unseen context: unchanged
+    path = tmp_path / "u.npz"
+    save_cache(path, cache, "base-a", "u")
+    back = load_cache(path, "base-a")
+    assert np.array_equal(mix_logp(logp[:1], [back], hist[:1]), mixed[:1])
+    with pytest.raises(FedkeyError, match="another base|made for base model"):
+        load_cache(path, "base-b")
+
+
+def test_gated_cache_suggests_the_users_phrase(fed_model, tiny_tok):
+    cfg = PersonalConfig(steps=5, cache_lam=0.5)
+    ud = user_data(tiny_tok, "fan", [WEATHER, "how are you doing today"] * 20, cfg, "US")
+    r = train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
+    assert r.cache is not None and r.extra["val_nll_cache"] < r.val_global  # the validation slice says it helps
+    msgs = [Message("fan", "US", WEATHER), Message("other", "US", WEATHER)]
+    glob, pers = evaluate_users(fed_model, [AdapterBank(fed_model, {}), AdapterBank(fed_model, {}, {"fan": r.cache})],
+                                tiny_tok, msgs, EvalConfig(ksr_messages=0))
+    assert glob["per_user"]["fan"]["top1"] < 1.0 and pers["per_user"]["fan"]["top1"] == 1.0
+    assert pers["per_user"]["other"] == glob["per_user"]["other"]  # no cache: the global model

@@ -1,0 +1,136 @@
+"""A user's phrase cache: n-gram statistics of their own train text, mixed into the model's next-piece distribution.
+
+The classic cache LM (Kuhn & De Mori 1990), which keyboards ship as the personal dictionary: what a user typed
+after the same few pieces before is likely again ("how are you doing today?"). With contexts c_1 (the last
+piece) .. c_n (the last n pieces), each seen in the user's train text with `tot` continuations, the
+distribution is interpolated from the shortest context to the longest:
+
+    p_0 = p_model,   p_k = (1 - l_k) p_{k-1} + l_k q(. | c_k),   l_k = lam * tot / (tot + m0)
+
+so an often-seen context moves the prediction more than a once-seen one, and an unseen context leaves the
+model alone. There is no unigram term: a user's frequent words alone did not help (the model knows them).
+NumPy only, so the on-device runtime can apply it without torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedkey.errors import FedkeyError
+from fedkey.io import atomic_write_bytes
+
+
+@dataclass
+class PhraseCache:
+    """One user's n-gram continuation counts, by context of 1..order-1 previous pieces."""
+
+    order: int  # longest n-gram: contexts of up to order-1 pieces
+    lam: float
+    m0: float
+    table: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ctx -> (ids, counts)
+
+    @classmethod
+    def build(cls, seqs: list[list[int]], order: int, lam: float, m0: float) -> "PhraseCache":
+        """Counts of every framed message's (context, next piece) pairs."""
+        counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+        for s in seqs:
+            for t in range(1, len(s)):
+                for k in range(1, min(order - 1, t) + 1):
+                    counts[tuple(s[t - k:t])][s[t]] += 1
+        table = {ctx: (np.array(list(c), dtype=np.int64), np.array(list(c.values()), dtype=np.float64))
+                 for ctx, c in counts.items()}
+        return cls(order, lam, m0, table)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for an adapter file: contexts padded with -1 on the left, next piece, count."""
+        n = self.order - 1
+        rows = [((-1,) * (n - len(ctx)) + ctx, i, c) for ctx, (ids, cnt) in self.table.items() for i, c in zip(ids, cnt)]
+        ctx = np.array([r[0] for r in rows], dtype=np.int32).reshape(-1, n)
+        return {"cache_ctx": ctx, "cache_next": np.array([r[1] for r in rows], dtype=np.int32),
+                "cache_count": np.array([r[2] for r in rows], dtype=np.int32),
+                "cache_params": np.array([self.order, self.lam, self.m0], dtype=np.float64)}
+
+    @classmethod
+    def from_arrays(cls, z: dict[str, np.ndarray]) -> "PhraseCache":
+        """The cache of `to_arrays`' arrays."""
+        order, lam, m0 = z["cache_params"].tolist()
+        counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+        for ctx, nxt, c in zip(z["cache_ctx"].tolist(), z["cache_next"].tolist(), z["cache_count"].tolist()):
+            counts[tuple(p for p in ctx if p >= 0)][nxt] += c
+        table = {ctx: (np.array(list(c), dtype=np.int64), np.array(list(c.values()), dtype=np.float64))
+                 for ctx, c in counts.items()}
+        return cls(int(order), float(lam), float(m0), table)
+
+    def __len__(self) -> int:
+        return sum(len(ids) for ids, _ in self.table.values())
+
+    def mix_row(self, p: np.ndarray, history: list[int]) -> np.ndarray:
+        """One distribution p (vocab,) after `history` (pieces, oldest first) mixed with the cache, in place."""
+        for k in range(1, self.order):
+            if len(history) < k:
+                break
+            hit = self.table.get(tuple(history[-k:]))
+            if hit is None:
+                break  # a longer context containing an unseen one is unseen too
+            ids, cnt = hit
+            tot = cnt.sum()
+            lk = self.lam * tot / (tot + self.m0)
+            p *= 1 - lk
+            p[ids] += lk * cnt / tot
+        return p
+
+
+def mix_logp(logp: np.ndarray, caches: list[PhraseCache | None], histories: np.ndarray) -> np.ndarray:
+    """Rows of log-probabilities (N, vocab) mixed with each row's cache (None: unchanged) after its history
+    (N, H) of piece ids, oldest first, -1 padded on the left."""
+    out = logp
+    for i, cache in enumerate(caches):
+        if cache is None:
+            continue
+        hist = [int(x) for x in histories[i] if x >= 0]
+        if not hist or tuple(hist[-1:]) not in cache.table:
+            continue  # most rows: nothing typed after this piece before
+        if out is logp:
+            out = logp.copy()
+        p = np.exp(logp[i].astype(np.float64))
+        out[i] = np.log(cache.mix_row(p, hist) + 1e-30)
+    return out
+
+
+def histories(seqs: list[list[int]], rows: list[tuple[int, int]], n: int) -> np.ndarray:
+    """The last n input pieces (through input t, oldest first, -1 padded) of each (message b, input t) row."""
+    out = np.full((len(rows), n), -1, dtype=np.int64)
+    if n:
+        for r, (b, t) in enumerate(rows):
+            ctx = seqs[b][max(0, t + 1 - n):t + 1]
+            out[r, n - len(ctx):] = ctx
+    return out
+
+
+def save_cache(path: str | Path, cache: PhraseCache, base_id: str, user: str) -> int:
+    """Write a user's phrase cache (one small .npz naming the base model); returns its size in bytes."""
+    buf = io.BytesIO()
+    header = json.dumps({"base_id": base_id, "user": user}).encode()
+    np.savez_compressed(buf, header=np.frombuffer(header, dtype=np.uint8), **cache.to_arrays())
+    atomic_write_bytes(path, buf.getvalue())
+    return len(buf.getvalue())
+
+
+def load_cache(path: str | Path, expect_base_id: str | None = None) -> PhraseCache:
+    """Read a phrase cache; refuse a corrupt file or one made with another base model's pieces."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(bytes(z["header"]).decode())
+            cache = PhraseCache.from_arrays({k: z[k] for k in z.files})
+    except Exception as e:  # zip, key and JSON errors all mean the same thing to the user
+        raise FedkeyError(f"{path}: not a fedkey phrase cache ({type(e).__name__}); re-run `fedkey personalize`") from None
+    if expect_base_id is not None and header.get("base_id") != expect_base_id:
+        raise FedkeyError(f"{path}: phrase cache was made for base model {str(header.get('base_id'))[:12]}, not "
+                          f"{expect_base_id[:12]}; re-run `fedkey personalize` against this model")
+    return cache
