@@ -28,6 +28,7 @@ from fl_core.simulation import Simulation
 
 FL = "fl"
 HISTORY = "history.jsonl"
+PRETRAIN = "public_pretrain"
 # typical UTC offsets of the corpus' two regions: US users spread over the four mainland zones
 TZ = {"US": (-5.0, -6.0, -7.0, -8.0), "GB": (0.0,)}
 
@@ -51,12 +52,34 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
     torch.manual_seed(fcfg.seed)  # the same seed gives the central baseline's initial model
     model = KeyboardLM(tok.vocab_size, mcfg)
     # the central baseline's start: public users' unigram bias (no training user's text)
-    model.init_output_bias(public_seqs(shards, tok, fcfg.max_len))
+    pub = public_seqs(shards, tok, fcfg.max_len)
+    model.init_output_bias(pub)
+    if fcfg.pretrain_epochs:
+        pretrain_on_public(model, pub, fcfg, out_dir / PRETRAIN)
     spec = ParamSpec.of(model, fcfg.local_patterns())
     task = KeyboardTask(shards, tok, model, fcfg.batch_size, fcfg.max_messages, fcfg.max_len, fcfg.local_epochs)
     sim = Simulation(task, spec, users, spec.flatten(dict(model.named_parameters())), fcfg, fleet, out_dir,
                      aggregator=aggregator, tz_hours=region_time_zones(shards, users, fcfg.seed), evaluate=evaluate)
     return sim, model, tok
+
+
+def pretrain_on_public(model, pub: list[list[int]], fcfg: FLConfig, out_dir: Path) -> None:
+    """Train the server's starting model on public users' text (never a training user's), resumably.
+
+    Gboard's federated models start from a server-pretrained one; a good start saves the many
+    rounds FedAvg needs to learn what any public text teaches.
+    """
+    from keyboard.train import train_central
+
+    if not pub:
+        raise FedkeyError("[fl].pretrain_epochs needs public users' text; prepare with --public-frac > 0 "
+                          "or set --pretrain-epochs 0")
+    tokens = int(fcfg.pretrain_epochs * sum(len(s) - 1 for s in pub))
+    ccfg = C.CentralConfig(seed=fcfg.seed, max_tokens=tokens, max_len=fcfg.max_len, threads=fcfg.threads,
+                           warmup_tokens=min(C.CentralConfig.warmup_tokens, tokens // 10))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_central(model, pub, ccfg, out_dir, resume=True)
+    model.train()
 
 
 class QuickEval:

@@ -36,12 +36,16 @@ class FLConfig:
     client_lr: float = _f(1.0, "client SGD learning rate (cosine decay to 10% over max_tokens)")
     client_clip: float = _f(1.0, "per-step gradient norm clip on the client (0: off)")
     server_opt: str = _f("adam", "server optimizer: sgd (lr 1 = plain FedAvg) | adam | yogi | adagrad")
-    server_lr: float = _f(0.07, "server learning rate")
+    server_lr: float = _f(0.03, "server learning rate (0.07 from a cold start)")
     server_momentum: float = _f(0.0, "heavy-ball momentum of the sgd server optimizer")
     beta1: float = _f(0.9, "first-moment decay of adam/yogi")
     beta2: float = _f(0.99, "second-moment decay of adam/yogi")
     tau: float = _f(1e-3, "adaptivity (epsilon) of adam/yogi/adagrad, Reddi et al. 2021")
     warmup_rounds: int = _f(0, "linear server learning-rate warm-up over this many rounds")
+    # a pretrained start is worth more than any server-optimizer setting (1M-token runs on chitchat,
+    # top-1 on 50k test positions: cold start 14.4%; 1 pass 14.9%, server lr .02 15.0%; 2 passes 15.1%)
+    pretrain_epochs: float = _f(2.0, "passes of server-side pretraining over public (non-client) data before round 1 "
+                                     "(0: off; the task supplies the data)")
     local_params: str = _f("", "comma-separated parameter names/globs kept on each client, never averaged (FedPer)")
     client_store: str = _f("memory", "where per-client state lives: memory | disk (FedPer params, error feedback)")
     compress: str = _f("none", "uplink compression: none | int8 (stochastic rounding) | topk (error feedback)")

@@ -52,7 +52,8 @@ def train_central(
         torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_FILE
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # the fused kernel updates all parameters in one pass: ~10% of a step at this model size
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     epoch, batch_idx, tokens, elapsed, loss_ema = 0, 0, 0, 0.0, None
     if resume and state_path.exists():
         st = load_torch(state_path)

@@ -18,7 +18,7 @@ from fl_core.server import server_init, server_update
 from fl_core.simulation import Simulation
 from keyboard.batches import frame, pad_batch
 from keyboard.train import lm_loss
-from tests.test_fl_fixtures import fl_cfg, fleet_cfg, one_torch_thread, tiny_run, tiny_task  # noqa: F401  (fixtures)
+from tests.test_fl_fixtures import TINY_MODEL, fl_cfg, fleet_cfg, one_torch_thread, tiny_run, tiny_task  # noqa: F401  (fixtures)
 
 
 def _user_msgs(task, user: str) -> list[list[int]]:
@@ -118,3 +118,23 @@ def test_fl_core_trains_any_module_and_vmap_lanes_match():
     for j, flat in enumerate(seq):
         torch.testing.assert_close(lanes[j], flat, rtol=1e-5, atol=1e-6)
         assert not torch.equal(flat, g)
+
+
+def test_public_pretraining_starts_from_a_model_that_knows_public_text_and_is_reproducible(tiny_run, tmp_path):
+    from fedkey.fl_stage import build_simulation
+    from fedkey.pipeline import load_prepared, public_seqs
+    from keyboard.batches import pad_batch
+    from keyboard.train import lm_loss
+
+    shards, tok = load_prepared(tiny_run)
+    x, y = pad_batch(public_seqs(shards, tok, 64)[:200])
+
+    def start(pretrain: float, out: str) -> torch.Tensor:
+        _, model, _ = build_simulation(tiny_run, TINY_MODEL, fl_cfg(pretrain_epochs=pretrain), fleet_cfg(), tmp_path / out)
+        with torch.no_grad():
+            return lm_loss(model.eval(), x, y)[0]
+
+    cold = start(0.0, "cold")
+    warm = start(20.0, "warm")
+    assert warm < cold - 0.3  # the server's start has learned from public users' text
+    assert start(20.0, "warm_again") == warm  # same seed, same start

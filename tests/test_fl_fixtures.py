@@ -58,7 +58,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def fl_cfg(**kw) -> FLConfig:
     """Small, fast federated settings for tests."""
     base = dict(max_tokens=10**9, max_rounds=3, clients_per_round=4, max_messages=12, batch_size=4,
-                eval_every=0, client_lr=0.5, server_opt="sgd", server_lr=1.0, workers=2, lanes=3)
+                eval_every=0, client_lr=0.5, server_opt="sgd", server_lr=1.0, workers=2, lanes=3, pretrain_epochs=0.0)
     return FLConfig(**{**base, **kw})
 
 

@@ -97,7 +97,8 @@ def make_job(args: argparse.Namespace, out_dir: Path):
     from fl_core.flower.job import Job
 
     fl = FLConfig(seed=args.seed, max_tokens=10**12, max_rounds=args.rounds, clients_per_round=args.clients,
-                  batch_size=args.batch_size, max_messages=args.batch_size * args.local_steps, eval_every=0)
+                  batch_size=args.batch_size, max_messages=args.batch_size * args.local_steps, eval_every=0,
+                  pretrain_epochs=0.0)
     fleet = FleetConfig(availability=False, overselect=1.0, dropout=0.0)
     return Job(Path(args.run_dir), out_dir, fl, fleet, C.from_args(C.ModelConfig, args), round_timeout_s=1800.0)
 

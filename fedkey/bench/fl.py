@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> None:
 
     mcfg = C.from_args(C.ModelConfig, args)
     fcfg = C.from_args(FLConfig, args)
-    fcfg = C.build(FLConfig, None, {**C.to_dict(fcfg), "eval_every": 0, "max_tokens": 10**12})
+    fcfg = C.build(FLConfig, None, {**C.to_dict(fcfg), "eval_every": 0, "max_tokens": 10**12,
+                                             "pretrain_epochs": 0.0})  # speed only: no server pretraining
     shards, tok = P.load_prepared(args.run_dir)
     seqs = P.encode_split(shards, tok, "train", fcfg.max_len)
     counts = [int(x) for x in args.central_threads.split(",") if x.strip()]

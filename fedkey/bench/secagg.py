@@ -76,7 +76,7 @@ def _plain_round(run_dir: Path, mcfg: C.ModelConfig, fl: FLConfig, n: int, tmp: 
     from fedkey.fl_stage import build_simulation
     from fl_core.config import FleetConfig
 
-    cfg = replace(fl, clients_per_round=n, max_rounds=1, eval_every=0, compress="none")
+    cfg = replace(fl, clients_per_round=n, max_rounds=1, eval_every=0, compress="none", pretrain_epochs=0.0)
     fleet = FleetConfig(availability=False, overselect=1.0, dropout=0.0)
     sim, _, _ = build_simulation(run_dir, mcfg, cfg, fleet, tmp / f"round{n}")
     rec = _Recorder(sim.spec.n_shared)
