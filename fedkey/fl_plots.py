@@ -39,7 +39,8 @@ def plot_history(hist: list[dict[str, Any]], out_dir: Path, central_top1: float 
         ax.set_xlabel(xlabel)
         ax.set_ylabel("top-1 next-word accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # a run without evaluations has nothing to label
+            ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         save_figure(fig, out_dir / fname)
         paths.append(out_dir / fname)

@@ -18,7 +18,7 @@ import torch
 
 from fedkey import config as C
 from fedkey.errors import FedkeyError
-from fedkey.io import atomic_write_bytes, read_json
+from fedkey.io import atomic_write_bytes, read_json, write_json
 from fedkey.pipeline import CENTRAL, DATA, evaluate_stage, load_prepared, public_seqs
 from fedkey.progress import bar
 from fedkey.stages import is_done, mark_done, stage_key
@@ -40,7 +40,7 @@ def region_time_zones(shards, users: list[str], seed: int) -> np.ndarray:
 
 
 def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: FleetConfig, out_dir: Path,
-                     aggregator=None, evaluate=None) -> tuple[Simulation, Any, Any]:
+                     aggregator=None, evaluate=None, progress: bool = False) -> tuple[Simulation, Any, Any]:
     """The simulation over the run's training users, its model template and the tokenizer."""
     from fedkey.fl_task import KeyboardTask
     from keyboard.model import KeyboardLM
@@ -55,7 +55,7 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
     pub = public_seqs(shards, tok, fcfg.max_len)
     model.init_output_bias(pub)
     if fcfg.pretrain_epochs:
-        pretrain_on_public(model, pub, fcfg, out_dir / PRETRAIN)
+        pretrain_on_public(model, pub, fcfg, out_dir / PRETRAIN, progress)
     spec = ParamSpec.of(model, fcfg.local_patterns())
     task = KeyboardTask(shards, tok, model, fcfg.batch_size, fcfg.max_messages, fcfg.max_len, fcfg.local_epochs)
     sim = Simulation(task, spec, users, spec.flatten(dict(model.named_parameters())), fcfg, fleet, out_dir,
@@ -63,7 +63,7 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
     return sim, model, tok
 
 
-def pretrain_on_public(model, pub: list[list[int]], fcfg: FLConfig, out_dir: Path) -> None:
+def pretrain_on_public(model, pub: list[list[int]], fcfg: FLConfig, out_dir: Path, progress: bool = False) -> dict:
     """Train the server's starting model on public users' text (never a training user's), resumably.
 
     Gboard's federated models start from a server-pretrained one; a good start saves the many
@@ -78,8 +78,12 @@ def pretrain_on_public(model, pub: list[list[int]], fcfg: FLConfig, out_dir: Pat
     ccfg = C.CentralConfig(seed=fcfg.seed, max_tokens=tokens, max_len=fcfg.max_len, threads=fcfg.threads,
                            warmup_tokens=min(C.CentralConfig.warmup_tokens, tokens // 10))
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_central(model, pub, ccfg, out_dir, resume=True)
+    with bar(progress, "server pretraining on public users", tokens, unit="tok") as update:
+        result = train_central(model, pub, ccfg, out_dir, resume=True,
+                               on_progress=lambda p: update(p.tokens, f"loss {p.loss:.3f}  {p.tokens_per_s:,.0f} tok/s"))
     model.train()
+    write_json(out_dir / "result.json", result)
+    return result
 
 
 class QuickEval:
@@ -139,7 +143,7 @@ def fl_stage(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: FleetCon
     C.save(out / "config.toml", mcfg, fcfg, fleet, *([privacy] if privacy else []))
     holder: dict[str, Any] = {}
     sim, model, tok = build_simulation(run_dir, mcfg, fcfg, fleet, out, aggregator,
-                                       evaluate=lambda r, flat: holder["eval"](r, flat, sim.spec))
+                                       evaluate=lambda r, flat: holder["eval"](r, flat, sim.spec), progress=progress)
     from fl_core.privacy.engine import attach, epsilon_line
 
     private = attach(sim, privacy) if privacy else None
@@ -170,6 +174,9 @@ def fl_stage(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: FleetCon
               "late": sum(x["late"] for x in h), "aborted": sum(x["aborted"] for x in h),
               "sat_out": sum(x["sat_out"] for x in h), "skipped_rounds": sum(bool(x["skipped"]) for x in h),
               "loss": h[-1]["loss"] if h else None}
+    if (out / PRETRAIN / "result.json").is_file():
+        pre = read_json(out / PRETRAIN / "result.json")
+        result.update(pretrain_tokens=pre["tokens"], pretrain_seconds=pre["seconds"])
     if private is not None and private.accountant is not None:
         acc = private.accountant
         result.update(epsilon=private.epsilon(), delta=acc.delta, dp_sampling=acc.sampling.kind,
