@@ -118,6 +118,33 @@ def in_chunks(chosen: list[int], ids: list[list[int]], by_msg: dict, flush: Call
             progress(done, len(chosen))
 
 
+def plan(messages: list[Message], tok: Tokenizer, table: PieceTable, cfg: EvalConfig):
+    """The seeded sample of messages (cfg.max_positions caps its word positions), the KSR sample, and each
+    message's queries: (piece ids, parsed words, chosen messages, KSR messages, queries by message)."""
+    rng = np.random.default_rng(cfg.seed)
+    ids = tok.encode_batch([m.text for m in messages])
+    order = rng.permutation(len(messages))
+    parsed = {}
+    n_pos = 0
+    for i in order:  # a seeded sample of messages when max_positions caps the work
+        pos, joined = table.word_positions(ids[i])
+        parsed[int(i)] = (pos, joined)
+        n_pos += max(0, len(pos) - 1)
+        if cfg.max_positions and n_pos >= cfg.max_positions:
+            break
+    chosen = sorted(parsed)
+    with_words = [i for i in chosen if parsed[i][0]]
+    ksr_set = set(rng.choice(with_words, size=min(cfg.ksr_messages, len(with_words)), replace=False).tolist()) if with_words else set()
+    by_msg: dict[int, list[_Query]] = defaultdict(list)
+    for i in chosen:
+        for w, (_, word, _, _) in enumerate(parsed[i][0]):
+            if i in ksr_set:
+                by_msg[i].extend(_Query(i, w, L) for L in range(len(word)))
+            elif w > 0:
+                by_msg[i].append(_Query(i, w, 0))
+    return ids, parsed, chosen, ksr_set, by_msg
+
+
 def evaluate(
     model: torch.nn.Module | StepBackend,
     tok: Tokenizer,
@@ -140,33 +167,7 @@ def evaluate(
     backend = TorchBackend(model) if isinstance(model, torch.nn.Module) else model
     pairs = pairs or {}
     variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
-    rng = np.random.default_rng(cfg.seed)
-
-    ids = tok.encode_batch([m.text for m in messages])
-    order = rng.permutation(len(messages))
-    parsed = {}
-    n_pos = 0
-    for i in order:  # a seeded sample of messages when max_positions caps the work
-        pos, joined = table.word_positions(ids[i])
-        parsed[int(i)] = (pos, joined)
-        n_pos += max(0, len(pos) - 1)
-        if cfg.max_positions and n_pos >= cfg.max_positions:
-            break
-    chosen = sorted(parsed)
-    with_words = [i for i in chosen if parsed[i][0]]
-    ksr_set = set(rng.choice(with_words, size=min(cfg.ksr_messages, len(with_words)), replace=False).tolist()) if with_words else set()
-
-    queries: list[_Query] = []
-    for i in chosen:
-        pos, _ = parsed[i]
-        for w, (_, word, _, _) in enumerate(pos):
-            if i in ksr_set:
-                queries.extend(_Query(i, w, L) for L in range(len(word)))
-            elif w > 0:
-                queries.append(_Query(i, w, 0))
-    by_msg: dict[int, list[_Query]] = defaultdict(list)
-    for q in queries:
-        by_msg[q.msg].append(q)
+    ids, parsed, chosen, ksr_set, by_msg = plan(messages, tok, table, cfg)
 
     results: dict[tuple[int, int, int], list[str]] = {}
     nll_of: dict[int, float] = {}

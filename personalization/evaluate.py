@@ -11,7 +11,7 @@ selection, queries and the tally are keyboard.evaluate's own, so with no adapter
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from fedkey.config import EvalConfig
 from keyboard.adapter_file import AdapterArrays
 from keyboard.batches import frame
-from keyboard.evaluate import Message, _Query, _tally, in_chunks, search_queries  # the same selection, search and tally as evaluate()
+from keyboard.evaluate import Message, _Query, _tally, in_chunks, plan, search_queries  # evaluate()'s own sample, search and tally
 from keyboard.metrics import regional_hit
 from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD, Tokenizer
@@ -132,43 +132,26 @@ def shared_prefix(word: str, variant_of: dict[str, tuple[str, str]]) -> int:
     return len(os.path.commonprefix([us, gb]))
 
 
-def _plan(messages: list[Message], tok: Tokenizer, table: PieceTable, cfg: EvalConfig, regional: dict | None,
-          typed_prefix: bool = False):
-    """evaluate()'s seeded message sample, KSR sample and queries; with `regional`, only regional-pair words
-    (with `typed_prefix`, asked also once the variants' shared prefix has been typed)."""
-    rng = np.random.default_rng(cfg.seed)
+def _regional_plan(messages: list[Message], tok: Tokenizer, table: PieceTable, regional: dict, typed_prefix: bool):
+    """Every message with a regional-pair word (no sampling) and a query at each such word; with `typed_prefix`,
+    also once the variants' shared prefix has been typed. Returns what keyboard.evaluate.plan returns."""
     ids = tok.encode_batch([m.text for m in messages])
     parsed: dict[int, tuple] = {}
-    if regional is None:
-        order, n_pos = rng.permutation(len(messages)), 0
-        for i in order:
-            pos, joined = table.word_positions(ids[i])
-            parsed[int(i)] = (pos, joined)
-            n_pos += max(0, len(pos) - 1)
-            if cfg.max_positions and n_pos >= cfg.max_positions:
-                break
-        chosen = sorted(parsed)
-        with_words = [i for i in chosen if parsed[i][0]]
-        ksr_set = set(rng.choice(with_words, size=min(cfg.ksr_messages, len(with_words)), replace=False).tolist()) if with_words else set()
-    else:
-        for i in range(len(messages)):
-            # most messages hold no regional word: a regex over the text is far cheaper than word_positions
-            if not any(w in regional for w in WORD_RE.findall(normalize(messages[i].text))):
-                continue
-            pos, joined = table.word_positions(ids[i])
-            if any(w > 0 and word in regional for w, (_, word, _, _) in enumerate(pos)):
-                parsed[i] = (pos, joined)
-        chosen, ksr_set = sorted(parsed), set()
+    for i in range(len(messages)):
+        # most messages hold no regional word: a regex over the text is far cheaper than word_positions
+        if not any(w in regional for w in WORD_RE.findall(normalize(messages[i].text))):
+            continue
+        pos, joined = table.word_positions(ids[i])
+        if any(w > 0 and word in regional for w, (_, word, _, _) in enumerate(pos)):
+            parsed[i] = (pos, joined)
     by_msg: dict[int, list[_Query]] = defaultdict(list)
-    for i in chosen:
+    for i in sorted(parsed):
         for w, (_, word, _, _) in enumerate(parsed[i][0]):
-            if i in ksr_set:
-                by_msg[i].extend(_Query(i, w, L) for L in range(len(word)))
-            elif w > 0 and (regional is None or word in regional):
+            if w > 0 and word in regional:
                 by_msg[i].append(_Query(i, w, 0))
                 if typed_prefix and shared_prefix(word, regional):
                     by_msg[i].append(_Query(i, w, shared_prefix(word, regional)))
-    return ids, parsed, chosen, ksr_set, by_msg
+    return ids, parsed, sorted(parsed), set(), by_msg
 
 
 def evaluate_users(
@@ -189,7 +172,7 @@ def evaluate_users(
     table = PieceTable.from_tokenizer(tok)
     pairs = pairs or {}
     variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
-    ids, parsed, chosen, ksr_set, by_msg = _plan(messages, tok, table, cfg, None)
+    ids, parsed, chosen, ksr_set, by_msg = plan(messages, tok, table, cfg)
     results, nll_of = _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress)
     return [_tally(messages, chosen, parsed, ksr_set, res, nll, variant_of, train_words, ngram, cfg)
             for res, nll in zip(results, nll_of)]
@@ -216,7 +199,7 @@ def regional_accuracy(
     base.eval()
     table = PieceTable.from_tokenizer(tok)
     variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
-    ids, parsed, chosen, _, by_msg = _plan(messages, tok, table, cfg, variant_of, typed_prefix)
+    ids, parsed, chosen, _, by_msg = _regional_plan(messages, tok, table, variant_of, typed_prefix)
     results, _ = _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress)
     plain = [_regional_tally(messages, parsed, chosen, variant_of, train_words, res, None) for res in results]
     if not typed_prefix:
@@ -227,6 +210,7 @@ def regional_accuracy(
 def _regional_tally(messages, parsed, chosen, variant_of, train_words, res, prefix_of) -> dict:
     """Hits by region / typed-in-train / user, with nothing typed or (prefix_of given) the shared prefix typed."""
     tally: dict = defaultdict(lambda: [0, 0])
+    outcomes: dict = defaultdict(lambda: defaultdict(Counter))  # region -> pair -> outcome -> positions
     for i in chosen:
         m = messages[i]
         for w, (_, word, _, _) in enumerate(parsed[i][0]):
@@ -234,14 +218,30 @@ def _regional_tally(messages, parsed, chosen, variant_of, train_words, res, pref
                 continue
             us, gb = variant_of[word]
             own, other = (gb, us) if m.region == "GB" else (us, gb)
-            hit = regional_hit(own, other, res[(i, w, shared_prefix(word, prefix_of) if prefix_of else 0)])
+            sugg = res[(i, w, shared_prefix(word, prefix_of) if prefix_of else 0)]
+            hit = regional_hit(own, other, sugg)
             typed = train_words is not None and own in train_words.get(m.user, ())
             for key in (m.region, f"{m.region}/{'typed' if typed else 'never_typed'}", f"user/{m.user}"):
                 tally[key][0] += hit
                 tally[key][1] += 1
+            outcomes[m.region][f"{us}/{gb}"][_outcome(own, other, sugg)] += 1
     acc = {k: {"acc": h / n, "n": n} for k, (h, n) in sorted(tally.items()) if not k.startswith("user/")}
     acc["per_user"] = {k[5:]: {"acc": h / n, "n": n} for k, (h, n) in sorted(tally.items()) if k.startswith("user/")}
+    acc["outcomes_by_pair"] = {r: {p: dict(c) for p, c in sorted(by.items(), key=lambda kv: -sum(kv[1].values()))}
+                               for r, by in sorted(outcomes.items())}
     return acc
+
+
+OUTCOMES = ("own first", "own in top 3 above other", "own below other", "other in top 3, own not",
+            "neither in top 3")
+
+
+def _outcome(own: str, other: str, suggestions: list[str]) -> str:
+    """Where the user's own variant stood among the top 3 (what a miss of regional_hit was)."""
+    top = suggestions[:3]
+    if own in top:
+        return OUTCOMES[0] if top[0] == own else OUTCOMES[1] if other not in top or top.index(own) < top.index(other) else OUTCOMES[2]
+    return OUTCOMES[3] if other in top else OUTCOMES[4]
 
 
 def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress):

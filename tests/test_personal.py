@@ -280,3 +280,18 @@ def test_gated_cache_suggests_the_users_phrase(fed_model, tiny_tok):
                                 tiny_tok, msgs, EvalConfig(ksr_messages=0))
     assert glob["per_user"]["fan"]["top1"] < 1.0 and pers["per_user"]["fan"]["top1"] == 1.0
     assert pers["per_user"]["other"] == glob["per_user"]["other"]  # no cache: the global model
+
+
+def test_regional_outcomes_say_where_the_own_variant_stood():
+    from personalization.evaluate import OUTCOMES, _outcome
+
+    got = [_outcome("colour", "color", s) for s in (["colour", "color"], ["the", "colour"], ["color", "colour"],
+                                                    ["color", "red"], ["red", "blue", "green", "colour"])]
+    assert got == list(OUTCOMES)
+
+
+def test_fedper_comparison_refuses_an_unprepared_run(tmp_path, capsys):
+    from personalization.fedper import main
+
+    assert main(["--run-dir", str(tmp_path), "--users", "4"]) == 2
+    assert "no prepared data" in capsys.readouterr().err
