@@ -6,20 +6,17 @@ import argparse
 import dataclasses
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
 
 from fedkey.errors import FedkeyError
+from fedkey.fields import option as _f
 from fedkey.io import atomic_write_bytes
 
 T = TypeVar("T")
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -54,8 +54,10 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
     # the central baseline's start: public users' unigram bias (no training user's text)
     pub = public_seqs(shards, tok, fcfg.max_len)
     model.init_output_bias(pub)
-    if fcfg.pretrain_epochs:
+    if fcfg.pretrain_epochs and pub:
         pretrain_on_public(model, pub, fcfg, out_dir / PRETRAIN, progress)
+    elif fcfg.pretrain_epochs:  # a run prepared without public users (--public-frac 0) starts cold
+        print(f"{run_dir / DATA}: no public users' text, so no server pretraining (the start is random)", flush=True)
     spec = ParamSpec.of(model, fcfg.local_patterns())
     task = KeyboardTask(shards, tok, model, fcfg.batch_size, fcfg.max_messages, fcfg.max_len, fcfg.local_epochs)
     sim = Simulation(task, spec, users, spec.flatten(dict(model.named_parameters())), fcfg, fleet, out_dir,
@@ -71,9 +73,6 @@ def pretrain_on_public(model, pub: list[list[int]], fcfg: FLConfig, out_dir: Pat
     """
     from keyboard.train import train_central
 
-    if not pub:
-        raise FedkeyError("[fl].pretrain_epochs needs public users' text; prepare with --public-frac > 0 "
-                          "or set --pretrain-epochs 0")
     tokens = int(fcfg.pretrain_epochs * sum(len(s) - 1 for s in pub))
     ccfg = C.CentralConfig(seed=fcfg.seed, max_tokens=tokens, max_len=fcfg.max_len, threads=fcfg.threads,
                            warmup_tokens=min(C.CentralConfig.warmup_tokens, tokens // 10))

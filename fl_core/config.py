@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from fedkey.errors import FedkeyError
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+from fedkey.fields import option as _f
 
 
 SERVER_OPTS = ("sgd", "adam", "yogi", "adagrad")
