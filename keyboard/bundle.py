@@ -1,7 +1,8 @@
 """The on-device bundle's layout and its verified reading (NumPy/stdlib only: devices read it without torch).
 
 A bundle directory holds model.onnx, model.int8.onnx, tokenizer.model, manifest.json (hashes, shapes,
-quantization settings, source checkpoint, base_id) and, optionally, adapters/<user>.npz + profiles.json.
+quantization settings, source checkpoint, base_id) and, optionally, lexicon.txt (the words suggestions
+come from) and adapters/<user>.npz + profiles.json.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 from fedkey.errors import FedkeyError
 
 FORMAT = "fedkey-bundle/1"
-FP32, INT8, TOKENIZER, MANIFEST, PROFILES, ADAPTERS = (
-    "model.onnx", "model.int8.onnx", "tokenizer.model", "manifest.json", "profiles.json", "adapters")
+FP32, INT8, TOKENIZER, MANIFEST, PROFILES, ADAPTERS, LEXICON = (
+    "model.onnx", "model.int8.onnx", "tokenizer.model", "manifest.json", "profiles.json", "adapters", "lexicon.txt")
 
 
 def sha256_bytes(data: bytes) -> str:

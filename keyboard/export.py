@@ -261,18 +261,21 @@ def _opset(path: Path) -> int:
 
 
 def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, tuple[Path, str]] | None = None,
-                 settings: QuantSettings | None = None) -> dict:
-    """Write a bundle (fp32 and int8 graphs, tokenizer, shipped adapters, manifest); returns the manifest.
+                 settings: QuantSettings | None = None, lexicon: dict | None = None) -> dict:
+    """Write a bundle (fp32 and int8 graphs, tokenizer, lexicon, shipped adapters, manifest); returns the manifest.
 
     `adapters` maps user -> (adapter .npz, region); each is refused unless made for this model.
+    `lexicon` is {"words": [...], "source": str, "min_count": int}: the words the runtime suggests
+    (None: no list shipped, suggestions are whatever the pieces spell).
     The manifest is written last, so a half-written bundle fails its hash check instead of loading.
     """
     import fedkey
     from fedkey.io import write_json
     from fedkey.stages import file_hash
     from keyboard.adapter_file import load_adapter
-    from keyboard.bundle import (ADAPTERS, FORMAT, FP32, INT8, MANIFEST, PROFILES, TOKENIZER, adapter_name,
+    from keyboard.bundle import (ADAPTERS, FORMAT, FP32, INT8, LEXICON, MANIFEST, PROFILES, TOKENIZER, adapter_name,
                                  sha256_bytes)
+    from keyboard.words import Lexicon
     from keyboard.checkpoint import MODEL_FILE, load_model
 
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -286,12 +289,20 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
     export_fp32(model, out / FP32, meta)
     quant = quantize_int8(out / FP32, out / INT8, settings)
     tok.save(out / TOKENIZER)
+    names = [FP32, INT8, TOKENIZER]
+    lex_info = None
+    if lexicon is not None:
+        lex = Lexicon(lexicon["words"])
+        atomic_write_bytes(out / LEXICON, lex.to_text().encode("utf-8"))
+        names.append(LEXICON)
+        lex_info = {"words": len(lex), "source": lexicon["source"], "min_count": lexicon["min_count"]}
+    elif (out / LEXICON).exists():
+        (out / LEXICON).unlink()
     if (out / ADAPTERS).is_dir():  # adapters of an earlier export with other users
         for old in (out / ADAPTERS).glob("*.npz"):
             old.unlink()
     for user, (path, _) in (adapters or {}).items():
         atomic_write_bytes(out / adapter_name(user), Path(path).read_bytes())
-    names = [FP32, INT8, TOKENIZER]
     if adapters:
         write_json(out / PROFILES, {u: r for u, (_, r) in sorted(adapters.items())})
         names += [PROFILES] + [adapter_name(u) for u in sorted(adapters)]
@@ -309,6 +320,7 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
         "graph": {"inputs": list(INPUTS), "outputs": list(OUTPUTS), "dynamic": ["rows", "rank"],
                   "adapter": "f' = f + (f @ A) @ B; logits = f' @ E^T + out_bias + user_bias (zeros: global model)"},
         "quantization": quant,
+        "lexicon": lex_info,
         "export_check": {"fp32_max_abs_logp_diff": max_abs_diff(model, out / FP32),
                          "int8_max_abs_logp_diff": max_abs_diff(model, out / INT8)},
         "files": files,

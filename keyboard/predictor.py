@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from keyboard.search import StepBackend, search_words
-from keyboard.words import PieceTable, split_typed
+from keyboard.words import Lexicon, PieceTable, split_typed
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class Predictor:
     """
 
     def __init__(self, backend: StepBackend, table: PieceTable, encode, beam: int = 6, max_pieces: int = 6,
-                 max_context: int = 256) -> None:
+                 max_context: int = 256, lexicon: Lexicon | None = None) -> None:
         self.backend, self.table, self.encode = backend, table, encode
+        self.lexicon = lexicon  # None: any word the pieces spell
         self.beam, self.max_pieces = beam, max_pieces
         self._prefix: list[int] = []
         self._states: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [backend.initial(1)]
@@ -55,5 +56,5 @@ class Predictor:
         context, partial, space = split_typed(text)
         logp, h, c = self._state_for(self.encode(context) if context.strip() else [])
         found = search_words(self.backend, self.table, logp, h, c, [partial], [space],
-                             k=k, beam=max(self.beam, k), max_pieces=self.max_pieces)[0]
+                             k=k, beam=max(self.beam, k), max_pieces=self.max_pieces, lexicon=self.lexicon)[0]
         return [Suggestion(w, math.exp(s)) for w, s in found]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from fedkey.errors import FedkeyError
 from keyboard.adapter_file import load_adapter
-from keyboard.bundle import FP32, INT8, TOKENIZER, Bundle, adapter_name, open_bundle
+from keyboard.bundle import FP32, INT8, LEXICON, TOKENIZER, Bundle, adapter_name, open_bundle
 from keyboard.onnx_backend import OnnxBackend, StepCache, make_session
 from keyboard.predictor import Predictor, Suggestion
 from keyboard.search import search_words
 from keyboard.tokenizer import Tokenizer
-from keyboard.words import PieceTable, split_typed
+from keyboard.words import WORD_RE, Lexicon, PieceTable, split_typed
 
 MAX_K = 16
 # the model conditions on the recent text only; the window starts on a block boundary so it moves
@@ -42,7 +42,8 @@ class WordCachePredictor(Predictor):
     so if at least k certain words still match it, they are exactly what a new search would return
     (up to the search's own beam cap); otherwise it searches again. Calling again with the same text
     (a redraw) and backspacing within the word also reuse the searches made for that word.
-    The context's piece ids are kept while only the partial word changes.
+    The context's piece ids are kept while only the partial word changes. With a lexicon, the words of
+    each finished context are learned, so a word the user typed can be suggested even if the list lacks it.
     """
 
     def __init__(self, *args, reuse_words: bool = True, **kwargs) -> None:
@@ -67,12 +68,15 @@ class WordCachePredictor(Predictor):
         if (context, space) != self._context:
             self._context, self._certain = (context, space), {}
             self._ids = self.encode(context) if context.strip() else []
+            if self.lexicon is not None:
+                self.lexicon.learn(WORD_RE.findall(context))
         found = self._reusable(partial, k) if self.reuse_words else None
         if found is None:
             logp, h, c = self._state_for(self._ids)
             completed: list[dict[str, float]] = []
             found = search_words(self.backend, self.table, logp, h, c, [partial], [space], k=k,
-                                 beam=max(self.beam, k), max_pieces=self.max_pieces, completed=completed)[0]
+                                 beam=max(self.beam, k), max_pieces=self.max_pieces, completed=completed,
+                                 lexicon=self.lexicon)[0]
             if len(found) >= k:
                 cut = found[k - 1][1]
                 self._certain[partial] = (k, sorted(((w, v) for w, v in completed[0].items() if v >= cut),
@@ -87,10 +91,12 @@ class OnDevicePredictor:
     """Completes the word being typed or predicts the next one, from an exported bundle."""
 
     def __init__(self, bundle: Bundle, backend: OnnxBackend, tok: Tokenizer, model_name: str, model_bytes: int,
-                 beam: int = 6, max_pieces: int = 6, cache: bool = True) -> None:
-        self.bundle, self.backend, self.tokenizer = bundle, backend, tok
+                 beam: int = 6, max_pieces: int = 6, cache: bool = True, lexicon: Lexicon | None = None) -> None:
+        self.bundle, self.backend, self.tokenizer, self.lexicon = bundle, backend, tok, lexicon
         self.model_name, self.model_bytes = model_name, model_bytes
         self.table = PieceTable.from_tokenizer(tok)
+        if lexicon is not None:  # the pieces that start a word, computed at load rather than on the first keystroke
+            lexicon.warm(self.table)
         self.beam, self.max_pieces, self.cache = beam, max_pieces, cache
         self.last_latency_ms = 0.0
         self.load_ms = 0.0
@@ -98,10 +104,12 @@ class OnDevicePredictor:
         self._reset()
 
     def _reset(self) -> None:
-        # cached log-probabilities depend on the adapter, so a profile switch starts fresh caches
+        # cached log-probabilities depend on the adapter, so a profile switch starts fresh caches;
+        # the words learned while typing belong to the profile too
         self.steps = StepCache(self.backend, capacity=128 if self.cache else 0)
+        lexicon = self.lexicon.fresh() if self.lexicon is not None else None
         self.predictor = WordCachePredictor(self.steps, self.table, self.tokenizer.encode, beam=self.beam,
-                                            max_pieces=self.max_pieces, reuse_words=self.cache)
+                                            max_pieces=self.max_pieces, reuse_words=self.cache, lexicon=lexicon)
 
     @property
     def profile(self) -> str | None:
@@ -169,7 +177,13 @@ def load_bundle(bundle_dir: str | Path, user: str | None = None, int8: bool = Tr
     if (backend.vocab_size, backend.embed_dim, backend.hidden) != (man["vocab_size"], man["embed_dim"], man["hidden"]) \
             or tok.vocab_size != man["vocab_size"]:
         raise FedkeyError(f"{bundle.dir / name}: shapes do not match {bundle.dir / 'manifest.json'}; re-run `fedkey export`")
-    pred = OnDevicePredictor(bundle, backend, tok, name, len(model), cache=cache)
+    lexicon = None
+    if LEXICON in man["files"]:  # bundles exported without public text ship none: suggestions are unfiltered
+        try:
+            lexicon = Lexicon.from_text(bundle.read(LEXICON).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise FedkeyError(f"{bundle.dir / LEXICON}: not UTF-8 text; re-run `fedkey export`") from None
+    pred = OnDevicePredictor(bundle, backend, tok, name, len(model), cache=cache, lexicon=lexicon)
     if user is not None:
         pred.set_profile(user)
     pred.load_ms = (time.perf_counter() - t0) * 1e3

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from keyboard.words import WORD_RE, PieceTable
+from keyboard.words import WORD_RE, Lexicon, PieceTable
 
 
 class StepBackend(Protocol):
@@ -20,6 +20,9 @@ class StepBackend(Protocol):
     def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+LEX_MARGIN = 8.0  # nats: a word e^8 (~3000) times less likely than the best one is not suggested with a lexicon
 
 
 def _top_per_row(scores: np.ndarray, n: int) -> np.ndarray:
@@ -40,6 +43,7 @@ def search_words(
     max_pieces: int = 6,
     completed: list[dict[str, float]] | None = None,
     wave: int = 3,
+    lexicon: Lexicon | None = None,
 ) -> list[list[tuple[str, float]]]:
     """Top-k whole words (word, log-probability) for each query, given the state after its context.
 
@@ -49,14 +53,21 @@ def search_words(
 
     `completed`, if given, receives per query every word the search completed (word -> log-probability),
     not only the top k: a caller can reuse them while the same word is being typed.
+
+    `lexicon`, if given, limits suggestions to its words, and prefixes to those some word starts with; a
+    query whose typed part starts no word in it (a word the list lacks) is searched without it.
     """
     nq = len(partials)
-    if nq == 1:  # a keyboard asks one query per keystroke: no per-query bookkeeping, same results
-        found, done = _search_one(backend, table, logp0[0], h0[0], c0[0], partials[0], spaces[0], k, beam,
-                                  max_pieces, wave)
-        if completed is not None:
-            completed.append(done)
-        return [found]
+    if nq == 1 or lexicon is not None:  # a keyboard asks one query per keystroke: no per-query bookkeeping
+        out = []
+        for q in range(nq):
+            lex = lexicon if lexicon is not None and lexicon.has_prefix(partials[q]) else None
+            found, done = _search_one(backend, table, logp0[q], h0[q], c0[q], partials[q], spaces[q], k, beam,
+                                      max_pieces, wave, lex)
+            if completed is not None:
+                completed.append(done)
+            out.append(found)
+        return out
     completes: list[dict[str, float]] = [{} for _ in range(nq)]
     thresh = np.full(nq, -np.inf)
 
@@ -176,36 +187,43 @@ def search_words(
 
 
 def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: np.ndarray, c0: np.ndarray,
-                part: str, space: bool, k: int, beam: int, max_pieces: int, wave: int
+                part: str, space: bool, k: int, beam: int, max_pieces: int, wave: int, lex: Lexicon | None = None
                 ) -> tuple[list[tuple[str, float]], dict[str, float]]:
     """search_words for one query: the same expansions in the same order, with the frontier in Python lists.
 
     Per keystroke the frontier holds a handful of prefixes, where NumPy's per-call cost exceeded the work;
     only the per-row vocabulary operations (boundary mass, best continuations) stay vectorized.
+    With `lex`, every candidate list holds only pieces that still spell the start of a lexicon word.
     """
     done: dict[str, float] = {}
     thresh = -np.inf
+    kind = "start_space" if space else "start_nospace"
     if part:
-        cand = table.compatible("start_space" if space else "start_nospace", part)
+        cand = table.compatible(kind, part)
+        if lex is not None:
+            cand = np.intersect1d(cand, lex.pieces_after(table, kind, ""), assume_unique=True)
         sc = logp0[cand]
         top = np.argsort(-sc)[:beam]
     else:
-        cand = table.start_space if space else table.start_nospace
+        cand = (table.start_space if space else table.start_nospace) if lex is None else lex.pieces_after(table, kind, "")
         if len(cand) == 0:
             return [], done
         sc = logp0[cand]
         top = _top_per_row(sc[None], beam)[0]
     if len(cand) == 0:
         return [], done
+    surface = table.surface
     piece = cand[top].tolist()
     score = sc[top].astype(np.float64).tolist()
     n = len(piece)
     H, C = np.repeat(h0[None], n, 0), np.repeat(c0[None], n, 0)
     depth = [0] * n
-    surface = table.surface
     surf = [surface[p] for p in piece]
     lp_part = len(part)
     ahead = hasattr(backend, "step_ahead")
+    # once every lexicon word that fits what was typed is found, other spellings of them only add a little mass;
+    # and when few words fit, a prefix LEX_MARGIN nats below the best word is not worth a suggestion slot
+    reachable = lex.count_prefix(part) if lex is not None else -1
 
     for _ in range(beam * max_pieces):  # a bound; the frontier empties long before
         if not piece:
@@ -228,20 +246,32 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
         bnd = np.log(np.maximum(1.0 - p_more, 1e-12)).tolist()  # np.clip's overhead is a third of this line
         touched = False
         for b, word in enumerate(gsurf):
-            if len(word) >= lp_part and word.startswith(part) and WORD_RE.fullmatch(word):
+            if len(word) >= lp_part and word.startswith(part) and WORD_RE.fullmatch(word) and (lex is None or word in lex):
                 total = gscore[b] + bnd[b]
                 old = done.get(word)
                 done[word] = total if old is None else float(np.logaddexp(old, total))
                 touched = True
         if touched and len(done) >= k:
             thresh = sorted(done.values(), reverse=True)[k - 1]
+        if lex is not None and done:
+            if len(done) == reachable:
+                break
+            thresh = max(thresh, max(done.values()) - LEX_MARGIN)
 
         # children: pieces that continue the word (and still fit what was typed)
         parent: list[int] = []
         cpiece: list[int] = []
         cscore: list[float] = []
         free = [b for b in range(len(go)) if gdepth[b] + 1 < max_pieces and len(gsurf[b]) >= lp_part]
-        if free:
+        if free and lex is not None:  # each prefix has its own set of pieces that continue a word
+            for b in free:
+                allowed = lex.pieces_after(table, "cont", gsurf[b])
+                if len(allowed):
+                    lp = logp[b, allowed]
+                    o = _top_per_row(lp[None], beam)[0]
+                    parent.extend([b] * len(o)); cpiece.extend(allowed[o].tolist())
+                    cscore.extend((gscore[b] + lp[o].astype(np.float64)).tolist())
+        elif free:
             sub = cont_lp[free]
             top = _top_per_row(sub, beam)
             vals = (np.asarray(gscore)[free, None] + sub[np.arange(len(free))[:, None], top]).tolist()
@@ -253,6 +283,10 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
                 allowed = table.compatible("cont", part[len(gsurf[b]):])
                 if len(allowed) == 0:
                     continue
+                if lex is not None:
+                    allowed = np.intersect1d(allowed, lex.pieces_after(table, "cont", gsurf[b]), assume_unique=True)
+                    if len(allowed) == 0:
+                        continue
                 lp = logp[b, allowed]
                 o = np.argsort(-lp)[:beam]
                 parent.extend([b] * len(o)); cpiece.extend(allowed[o].tolist())
@@ -267,3 +301,4 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
         depth = [depth[i] for i in wait] + [gdepth[p] + 1 for p in kept_parent]
         surf = [surf[i] for i in wait] + [gsurf[parent[j]] + surface[cpiece[j]] for j in keep]
     return sorted(done.items(), key=lambda kv: -kv[1])[:k], done
+

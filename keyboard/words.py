@@ -83,6 +83,12 @@ class PieceTable:
             found.update(self._by_surface.get((True, ""), ()))  # a bare "▁" then the word's pieces
         return np.array(sorted(found & self._allowed[kind]), dtype=np.int64)
 
+    def pieces_with(self, kind: str, surfaces: set[str]) -> np.ndarray:
+        """Sorted ids of `kind` pieces ("start_space", "start_nospace", "cont") whose surface is in `surfaces`."""
+        flag = kind == "start_space"
+        found = {i for s in surfaces for i in self._by_surface.get((flag, s), ())}
+        return np.array(sorted(found & self._allowed[kind]), dtype=np.int64)
+
     def word_positions(self, ids: list[int]) -> tuple[list[tuple[int, str, bool, int]], str]:
         """Words of a message's piece ids and its text as the model sees it.
 
@@ -113,3 +119,142 @@ def split_typed(text: str) -> tuple[str, str, bool]:
     context = text[: len(text) - len(partial)]
     space = context == "" or context[-1].isspace()
     return context, normalize(partial), space
+
+
+class Lexicon:
+    """The words a keyboard may suggest: a shipped word list plus the words this user has typed.
+
+    The model spells words piece by piece and can join pieces into strings nobody types ("colourime");
+    a keyboard suggests dictionary words. Prefix checks are bisections in sorted lists, so loading a
+    list is a read and a sort, with no trie to build.
+    """
+
+    def __init__(self, words: list[str] | set[str] | tuple[str, ...], normalized: bool = False) -> None:
+        if not normalized:
+            words = {normalize(w) for w in words}
+        self._base = sorted({w for w in words if WORD_RE.fullmatch(w)})
+        self._base_set = set(self._base)
+        self._user: list[str] = []
+        self._user_set: set[str] = set()
+        self._after: dict[tuple[str, str], np.ndarray] = {}
+        self._table: PieceTable | None = None
+        self._base_arr: np.ndarray | None = None  # the shipped words as one NumPy array, for batched prefix tests
+
+    @classmethod
+    def from_text(cls, text: str) -> "Lexicon":
+        """Parse a word list (one word a line), as written by `to_text` (normalized already)."""
+        return cls(text.split(), normalized=True)
+
+    def to_text(self) -> str:
+        """The shipped words, one a line, sorted (the user's words are not part of a bundle)."""
+        return "".join(w + "\n" for w in self._base)
+
+    def fresh(self) -> "Lexicon":
+        """The same shipped words with no user words (a new user or profile)."""
+        other = Lexicon.__new__(Lexicon)
+        other._base, other._base_set, other._user, other._user_set = self._base, self._base_set, [], set()
+        other._after, other._table = dict(self._after), self._table  # the shipped words' piece sets hold
+        other._base_arr = self._base_arr
+        return other
+
+    def learn(self, words: list[str]) -> None:
+        """Add words the user typed, so they can be suggested too."""
+        for w in words:
+            w = normalize(w)
+            if w not in self._base_set and w not in self._user_set and WORD_RE.fullmatch(w):
+                self._user_set.add(w)
+                bisect.insort(self._user, w)
+                self._extend_pieces(w)
+
+    def _extend_pieces(self, word: str) -> None:
+        # the cached piece sets of the word's prefixes grow; recomputing them all would stall a keystroke
+        for n in range(len(word) + 1):
+            rest = word[n:]
+            surfaces = {rest[:m] for m in range(1, len(rest) + 1)}
+            for kind in ("start_space", "start_nospace", "cont"):
+                got = self._after.get((kind, word[:n]))
+                if got is None or self._table is None:
+                    continue
+                new = self._table.pieces_with(kind, surfaces)
+                at = np.minimum(np.searchsorted(got, new), max(len(got) - 1, 0))
+                if len(new) and (len(got) == 0 or (got[at] != new).any()):  # usually every piece is there already
+                    self._after[(kind, word[:n])] = np.union1d(got, new)
+
+    def __len__(self) -> int:
+        return len(self._base) + len(self._user)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self._base_set or word in self._user_set
+
+    def pieces_after(self, table: PieceTable, kind: str, prefix: str) -> np.ndarray:
+        """Sorted ids of `kind` pieces that extend `prefix` to the start of a word (cached per prefix).
+
+        With kind "start_space" the bare space piece counts too: the word's pieces follow it.
+        """
+        if table is not self._table:  # piece ids belong to one tokenizer
+            self._table, self._after = table, {}
+        key = (kind, prefix)
+        got = self._after.get(key)
+        if got is None:
+            if len(self._after) >= 16384:  # bounded: a long session visits many prefixes once
+                self._after.clear()
+            got = self._after[key] = self._pieces_after(table, kind, prefix)
+        return got
+
+    def warm(self, table: PieceTable) -> None:
+        """Compute at load the piece sets that cost most: word starts, and what follows each first letter."""
+        for kind in ("start_space", "start_nospace", "cont"):
+            self.pieces_after(table, kind, "")
+        for letter in sorted({w[0] for w in self._base}):
+            if self.count_prefix(letter) > 150:
+                self.pieces_after(table, "cont", letter)
+
+    def _pieces_after(self, table: PieceTable, kind: str, prefix: str) -> np.ndarray:
+        spans = []
+        for words in (self._base, self._user):
+            lo = bisect.bisect_left(words, prefix)
+            spans.append(words[lo:bisect.bisect_left(words, prefix + "\U0010ffff")])
+        if sum(map(len, spans)) > 150:  # a short prefix starts hundreds of words: test each piece instead
+            ids = getattr(table, kind)
+            if len(ids) == 0:
+                return ids
+            if self._base_arr is None:
+                self._base_arr = np.array(self._base or [""])
+            cand = np.array([prefix + table.surface[i] for i in ids.tolist()])
+            at = np.minimum(np.searchsorted(self._base_arr, cand), len(self._base_arr) - 1)
+            ok = np.char.startswith(self._base_arr[at], cand)
+            if self._user:
+                ok |= np.array([self._has_user_prefix(c) for c in cand.tolist()])
+            return ids[ok]
+        surfaces = {""} if kind == "start_space" else set()
+        for span in spans:
+            for w in span:
+                rest = w[len(prefix):]
+                surfaces.update(rest[:n] for n in range(1, len(rest) + 1))
+        return table.pieces_with(kind, surfaces)
+
+    def count_prefix(self, prefix: str) -> int:
+        """How many words start with `prefix`."""
+        return sum(bisect.bisect_left(w, prefix + "\U0010ffff") - bisect.bisect_left(w, prefix)
+                   for w in (self._base, self._user))
+
+    def _has_user_prefix(self, prefix: str) -> bool:
+        i = bisect.bisect_left(self._user, prefix)
+        return i < len(self._user) and self._user[i].startswith(prefix)
+
+    def has_prefix(self, prefix: str) -> bool:
+        """Whether some word starts with `prefix`."""
+        for words in (self._base, self._user):
+            i = bisect.bisect_left(words, prefix)
+            if i < len(words) and words[i].startswith(prefix):
+                return True
+        return False
+
+
+def collect_words(texts: list[str], min_count: int = 1) -> list[str]:
+    """Words (normalized, as the tokenizer sees them) occurring at least `min_count` times in `texts`."""
+    counts: dict[str, int] = {}
+    for t in texts:
+        for w in WORD_RE.findall(normalize(t)):
+            counts[w] = counts.get(w, 0) + 1
+    return sorted(w for w, n in counts.items() if n >= min_count)

@@ -114,3 +114,19 @@ def test_recent_text_window_is_stable():
     assert long.endswith(cut) and 256 <= len(cut) <= 512 and cut[0] != " "
     assert recent_text(long + "abc").startswith(cut[:100])  # typing on does not move the window
     assert recent_text("short text") == "short text"
+
+
+def test_bundle_ships_a_lexicon_the_engine_keeps_to(tmp_path, tiny_model, tiny_tok):
+    from keyboard.bundle import LEXICON
+    from keyboard.words import collect_words
+
+    words_ = [w for w in collect_words(PHRASES) if w != "color"]
+    out, man = make_bundle(tmp_path, tiny_model, tiny_tok, with_adapter=False,
+                           lexicon={"words": words_, "source": "test phrases", "min_count": 1})
+    assert man["lexicon"] == {"words": len(words_), "source": "test phrases", "min_count": 1}
+    assert (out / LEXICON).read_text().split() == sorted(words_)
+    engine = load_bundle(out)
+    assert "color" not in words(engine.suggest("what is your favorite ", k=5))
+    assert all(w in words_ for w in words(engine.suggest("see you tomorrow at the ")))
+    engine.suggest("my color is ")  # typed words are learned
+    assert "color" in words(engine.suggest("what is your favorite ", k=5))

@@ -48,3 +48,32 @@ def test_step_cache_returns_what_the_model_computes(tiny_model, capacity):
         for g, w in zip(got, want):
             assert g.shape == w.shape and np.allclose(g, w, atol=1e-5)
     assert cache.hits > 0 and len(cache._slot) <= capacity
+
+
+def test_lexicon_limits_suggestions_to_its_words(tiny_model, tiny_tok):
+    from tests.conftest import PHRASES
+    from keyboard.words import Lexicon, collect_words
+
+    lex = Lexicon(collect_words(PHRASES))  # no "colour": the British spelling is not a word here
+    table = PieceTable.from_tokenizer(tiny_tok)
+    free = Predictor(TorchBackend(tiny_model), table, tiny_tok.encode)
+    fenced = Predictor(TorchBackend(tiny_model), table, tiny_tok.encode, lexicon=lex)
+    for text in TEXTS:
+        got = [s.word for s in fenced.suggest(text)]
+        partial = split_typed(text)[1]
+        if lex.has_prefix(partial):
+            assert got and all(w in lex for w in got), text
+        else:  # a word the list lacks is still completed, from the model's own spellings
+            assert got == [s.word for s in free.suggest(text)], text
+    assert fenced.suggest("how are ")[0].word == "you"  # the best word was a word already
+    assert "colour" not in [s.word for s in fenced.suggest("i like the colo", k=5)]
+    lex.learn(["Colour"])  # a word the user typed joins the list
+    assert "colour" in lex and lex.has_prefix("colou") and "colour" in [s.word for s in fenced.suggest("i like the colo", k=5)]
+
+
+def test_lexicon_text_round_trip():
+    from keyboard.words import Lexicon
+
+    lex = Lexicon(["Hello", "don't", "x-ray", "über", "hello"])
+    assert Lexicon.from_text(lex.to_text()).to_text() == lex.to_text() == "don't\nhello\nüber\n"
+    assert lex.count_prefix("") == 3 and lex.count_prefix("h") == 1 and not lex.has_prefix("x")

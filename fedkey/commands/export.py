@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--parity-positions", type=int, default=2000,
                    help="seeded sample of test word positions for int8-vs-torch parity (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the parity sample")
+    p.add_argument("--lexicon-min-count", type=int, default=1,
+                   help="ship as the lexicon the words seen this often in public users' text (0: ship none)")
 
 
 def default_model(run_dir: Path) -> Path:
@@ -88,6 +90,24 @@ def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_re
     return picked
 
 
+def public_lexicon(run_dir: Path, min_count: int) -> dict | None:
+    """The words of public users' text (what the tokenizer was trained on; never a training user's text)."""
+    from fedkey import pipeline as P
+    from keyboard.words import collect_words
+
+    if min_count <= 0:
+        return None
+    if not (run_dir / P.DATA).exists():
+        console.print(f"[yellow]no lexicon shipped: no prepared data in {run_dir / P.DATA} (suggestions are unfiltered)[/]")
+        return None
+    shards, _ = P.load_prepared(run_dir)
+    words = collect_words(shards.dataset("public_train")["text"], min_count)
+    if not words:
+        console.print("[yellow]no lexicon shipped: no public users' text (suggestions are unfiltered)[/]")
+        return None
+    return {"words": words, "source": "public users' text (public_train)", "min_count": min_count}
+
+
 def _regions(run_dir: Path) -> dict[str, str]:
     users = run_dir / "data" / "users.json"
     if not users.exists():
@@ -115,12 +135,14 @@ def run(args: argparse.Namespace) -> None:
                           "or pass --model")
     out = args.out or run_dir / "export"
     adapters = choose_adapters(run_dir, file_hash(model_dir / MODEL_FILE), args.user, args.per_region)
+    lexicon = public_lexicon(run_dir, args.lexicon_min_count)
     with bar(not args.no_progress, "exporting fp32 + int8 ONNX", None):
-        man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant))
+        man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant), lexicon)
     fp32_b, int8_b = man["files"][FP32]["bytes"], man["files"][INT8]["bytes"]
     res = {"bundle": str(out), "model": str(model_dir), "fp32_bytes": fp32_b, "int8_bytes": int8_b,
            "int8_ratio": int8_b / fp32_b, "users": {u: r for u, (_, r) in adapters.items()},
-           "quantization": man["quantization"]["mode"], **man["export_check"]}
+           "quantization": man["quantization"]["mode"], "lexicon_words": (man["lexicon"] or {}).get("words", 0),
+           **man["export_check"]}
     if args.parity_positions > 0 and (run_dir / P.DATA).exists():
         shards, _ = P.load_prepared(run_dir)
         ds = shards.dataset("test")
@@ -163,5 +185,6 @@ def _table(res: dict):
         t.add_row("  top-3 list agreement (same three words)", f"{100 * res['top3_set_agreement']:.2f}%", "")
         t.add_row("top-1 accuracy torch -> int8", f"{100 * res['torch_top1']:.2f}% -> {100 * res['exported_top1']:.2f}%",
                   f"loss <= 0.3 pt {ok(res['top1_loss_points'] <= 0.3)}")
+    t.add_row("lexicon (words of public users' text the runtime suggests)", f"{res['lexicon_words']:,} words", "")
     t.add_row("users' adapters shipped", ", ".join(f"{u} ({r})" for u, r in res["users"].items()) or "none", "")
     return t
