@@ -99,12 +99,17 @@ class QuantSettings:
     depends on calibration data or on which rows share a run; onnxruntime folds the weight
     dequantization at load. `wide` tensors get 16 bits: the 670->96 projection (5% of the weights)
     feeds both the recurrence and every logit, and at 8 bits it alone costs ~0.5 point of agreement.
+    `block_size` > 0: scales per block of that many inputs of each output channel (opset-21 blocked QDQ,
+    the quantizer's BlockSize) instead of one per channel: 48 gives the gate matrix's embedding and
+    recurrent halves their own scales, and cut the relative log-prob error on the full run's model by a
+    sixth (top-1 disagreements 34 -> 25 of 2,012) for 1.7 points more file size.
     mode "dynamic": quantize_dynamic (int8 weights, uint8 activations quantized per run, per tensor);
     smaller compute, but its per-tensor activations cost top-1 agreement (measured ~96% vs >99%).
     """
 
     mode: str = "weights"
     per_channel: bool = True
+    block_size: int = 48
     weight_type: str = "QUInt8"
     symmetric: bool = False
     wide: list[str] = field(default_factory=lambda: ["w_proj"])
@@ -115,6 +120,8 @@ class QuantSettings:
             raise FedkeyError(f"quantization mode {self.mode!r}: choose weights or dynamic")
         if self.weight_type not in ("QInt8", "QUInt8"):
             raise FedkeyError(f"weight type {self.weight_type!r}: choose QInt8 or QUInt8")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
+            raise FedkeyError(f"quantization block size {self.block_size!r}: a whole number (0: one scale per channel)")
         unknown = set(self.wide) - set(WEIGHTS)
         if unknown:
             raise FedkeyError(f"16-bit tensors {sorted(unknown)}: choose among {WEIGHTS}")
@@ -163,9 +170,10 @@ def strip_activation_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def float_weight_count(proto: onnx.ModelProto) -> int:
-    """Float parameters left in a graph's matrices (2-D initializers): zero for a fully quantized model."""
+    """Float parameters left in a graph's matrices (2-D initializers, not scales): zero for a fully quantized model."""
+    scales = {n.input[1] for n in proto.graph.node if n.op_type == "DequantizeLinear"}  # 2-D when blocked
     return sum(int(np.prod(i.dims)) for i in proto.graph.initializer
-               if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2)
+               if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.name not in scales)
 
 
 class _OneStep:
@@ -208,7 +216,7 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, settings: QuantS
                 for name in WEIGHTS:
                     o: dict = {"symmetric": settings.symmetric}
                     if settings.per_channel:
-                        o["axis"] = 1
+                        o["axis"] = 0 if settings.block_size else 1  # blocks run along the inputs (axis 0)
                     if name in settings.wide:
                         o["quant_type"] = wide_type
                     overrides[name] = [o]
@@ -216,7 +224,7 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, settings: QuantS
                                 op_types_to_quantize=settings.op_types, per_channel=settings.per_channel,
                                 weight_type=wtype, activation_type=QuantType.QUInt8,
                                 extra_options={"MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-                                               "TensorQuantOverrides": overrides})
+                                               "TensorQuantOverrides": overrides, "BlockSize": settings.block_size})
         finally:
             logging.getLogger().setLevel(level)
         proto = onnx.load(str(out))
