@@ -33,6 +33,8 @@ class PersonalConfig:
                                   "(it takes over the other variant's unigram mass)")
     regional_min_words: int = _f(2, "a user with this many regional words typed, all of one region, gets that "
                                  "region's variant of every pair (0: only pairs they typed)")
+    regional_locale: bool = _f(False, "spelling preference: a user whose own words show none (or too little) gets "
+                               "their keyboard locale's variant of every pair (the user's region stands for the locale)")
     prior_adapter: float = _f(4.0, "Gaussian prior on the adapter's B: this times its squared norm joins the summed loss")
     cache_order: int = _f(4, "phrase cache: the user's own n-grams of up to this many pieces mixed into the next-piece "
                           "distribution (the classic cache LM; 0: off)")

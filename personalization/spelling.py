@@ -33,9 +33,12 @@ def first_piece(tok, word: str) -> int | None:
     return ids[0] if n >= MIN_PIECE_CHARS and n >= MIN_PIECE_SHARE * len(word) else None
 
 
-def preferences(counts: Counter, pairs: dict[str, str], min_words: int) -> list[tuple[str, str]]:
+def preferences(counts: Counter, pairs: dict[str, str], min_words: int,
+                locale: str | None = None) -> list[tuple[str, str]]:
     """(own, other) variants the user prefers: each pair typed one way only (of the region the user typed
-    more such words of), and with `min_words` or more such words all of one region, every pair that way."""
+    more such words of), and with `min_words` or more such words all of one region, every pair that way.
+    With a `locale` ("US"/"GB", the keyboard's language setting) that the user's own words do not contradict,
+    every pair that locale's way."""
     typed, regions = [], Counter()
     for us, gb in pairs.items():
         cu, cg = counts.get(us, 0), counts.get(gb, 0)
@@ -47,8 +50,13 @@ def preferences(counts: Counter, pairs: dict[str, str], min_words: int) -> list[
         # a stray variant ("grey" once among many "favorite"s) is not a preference: the majority region wins
         major = regions.most_common(1)[0][0]
         typed = [(own, other) for own, other in typed if (own in pairs) == (major == "US")]
+    way = None
     if min_words and len(regions) == 1 and sum(regions.values()) >= min_words:
-        gb_way = "GB" in regions
+        way = next(iter(regions))
+    elif locale in ("US", "GB") and (not regions or regions.most_common(1)[0][0] == locale):
+        way = locale  # the user's own text says too little: the keyboard's language setting decides
+    if way:
+        gb_way = way == "GB"
         done = {frozenset(p) for p in typed}
         typed += [((gb, us) if gb_way else (us, gb)) for us, gb in pairs.items()
                   if frozenset((us, gb)) not in done and counts.get(gb if gb_way else us, 0) == 0
@@ -88,5 +96,6 @@ def attach_spelling(users: list, tok, out_bias: np.ndarray, pairs: dict[str, str
     """Set each UserData's `spelling` bias entries from the words of their train messages."""
     cache: dict[str, tuple] = {}
     for u in users:
-        u.spelling = spelling_bias(preferences(u.words, pairs, cfg.regional_min_words), tok, out_bias,
+        locale = u.region if cfg.regional_locale else None
+        u.spelling = spelling_bias(preferences(u.words, pairs, cfg.regional_min_words, locale), tok, out_bias,
                                    cfg.regional_penalty, cfg.regional_max_lift, cache)

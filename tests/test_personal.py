@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -295,3 +297,11 @@ def test_fedper_comparison_refuses_an_unprepared_run(tmp_path, capsys):
 
     assert main(["--run-dir", str(tmp_path), "--users", "4"]) == 2
     assert "no prepared data" in capsys.readouterr().err
+
+
+def test_locale_fills_in_where_the_users_own_words_say_nothing():
+    pairs = {"color": "colour", "favorite": "favourite"}
+    assert preferences(Counter(), pairs, 2) == []
+    assert sorted(preferences(Counter(), pairs, 2, "GB")) == [("colour", "color"), ("favourite", "favorite")]
+    # the user's own words win over the locale
+    assert preferences(Counter({"color": 3}), pairs, 5, "GB") == [("color", "colour")]
