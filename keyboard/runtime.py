@@ -15,7 +15,7 @@ from keyboard.adapter_file import load_adapter
 from keyboard.bundle import FP32, INT8, LEXICON, TOKENIZER, Bundle, adapter_name, open_bundle
 from keyboard.onnx_backend import OnnxBackend, StepCache, make_session
 from keyboard.predictor import Predictor, Suggestion
-from keyboard.search import search_words
+from keyboard.search import LEX_MARGIN, search_words
 from keyboard.tokenizer import Tokenizer
 from keyboard.words import WORD_RE, Lexicon, PieceTable, split_typed
 
@@ -79,6 +79,8 @@ class WordCachePredictor(Predictor):
                                  lexicon=self.lexicon)[0]
             if len(found) >= k:
                 cut = found[k - 1][1]
+                if self.lexicon is not None:  # with a lexicon the search also drops what is LEX_MARGIN below the best
+                    cut = max(cut, found[0][1] - LEX_MARGIN)
                 self._certain[partial] = (k, sorted(((w, v) for w, v in completed[0].items() if v >= cut),
                                                     key=lambda kv: -kv[1]))
             self.searches += 1
