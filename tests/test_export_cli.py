@@ -76,3 +76,11 @@ def test_default_model_is_the_one_the_adapters_were_trained_on(tmp_path, tiny_mo
         path.unlink()
     save_adapter(run / "personal" / "adapters" / "ann.npz", british_adapter(tiny_model, tiny_tok, fl_base, user="ann"))
     assert default_model(run) == run / "fl"
+
+
+def test_shipped_lexicon_keeps_both_spellings_so_a_british_user_can_get_colour():
+    from fedkey.commands.export import with_spelling_variants
+
+    words = with_spelling_variants(["color", "favorite", "theatre", "the"])
+    assert {"colour", "favourite", "theater"} <= set(words)  # the other half of each pair joins
+    assert "the" in words and words == sorted(set(words))

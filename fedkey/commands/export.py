@@ -105,7 +105,21 @@ def public_lexicon(run_dir: Path, min_count: int) -> dict | None:
     if not words:
         console.print("[yellow]no lexicon shipped: no public users' text (suggestions are unfiltered)[/]")
         return None
-    return {"words": words, "source": "public users' text (public_train)", "min_count": min_count}
+    return {"words": with_spelling_variants(words), "min_count": min_count,
+            "source": "public users' text (public_train) + the other spelling of its American/British words"}
+
+
+def with_spelling_variants(words: list[str]) -> list[str]:
+    """The words plus the other half of every American/British pair among them.
+
+    Public text is mostly American: without this, a British user's own "colour" would be filtered
+    out of their suggestions, the very habit personalization exists to keep.
+    """
+    from data.british import REGIONAL_PAIRS
+
+    have = set(words)
+    extra = {gb for us, gb in REGIONAL_PAIRS.items() if us in have} | {us for us, gb in REGIONAL_PAIRS.items() if gb in have}
+    return sorted(have | extra)
 
 
 def _regions(run_dir: Path) -> dict[str, str]:
