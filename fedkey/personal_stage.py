@@ -143,6 +143,11 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
                     "unchanged": ch["unchanged"], "changes": ch, "split": "test",
                     "regional_all_positions": {"global": reg_g, "personalized": reg_p},
                     "regional_after_shared_prefix": {"global": pre_g, "personalized": pre_p},
+                    # where the own variant stood at each regional word, by region and pair (apart: the two
+                    # tables above hold only accuracies)
+                    "regional_outcomes": {form: {m: t.pop("outcomes_by_pair") for m, t in (("global", g), ("personalized", p))}
+                                          for form, g, p in (("nothing_typed", reg_g, reg_p),
+                                                             ("shared_prefix_typed", pre_g, pre_p))},
                     "top1_gain_per_user": gains})
         rep["seconds"]["evaluate"] = time.perf_counter() - t1
         if gains:

@@ -113,6 +113,8 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
                       _pct(gm["regional_acc"]), _pct(pm["regional_acc"]), "yes" if rep["use_adapter"].get(u) else "no")
         console.print(t)
     console.print(f"adapters kept by the gate: {rep['gated_in']:,} of {rep['users']:,} users; "
-                  f"mean adapter file {rep['adapter_bytes_mean'] or 0:,.0f} bytes; "
+                  f"mean adapter file {rep['adapter_bytes_mean'] or 0:,.0f} bytes; phrase caches kept: "
+                  f"{rep.get('caches_kept', 0):,} (mean {rep.get('cache_bytes_mean') or 0:,.0f} bytes, "
+                  f"max {rep.get('cache_bytes_max') or 0:,.0f}); "
                   f"personalizing took {rep['seconds']['personalize']:.0f} s, evaluating {rep['seconds']['evaluate']:.0f} s"
                   + (f"; histogram: {rep['histogram']}" if rep.get("histogram") else ""))
