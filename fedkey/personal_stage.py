@@ -125,7 +125,8 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
     if with_eval:
         t1 = time.perf_counter()
         bank = AdapterBank(base, {r.user: AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {})
-                                  for r in results if r.use_adapter}, {r.user: r.cache for r in results if r.cache})
+                                  for r in results if r.use_adapter}, {r.user: r.cache for r in results if r.cache},
+                           {r.user: r.extra.get("respell", {}) for r in results})
         msgs = _messages(shards, names)
         if not msgs:
             raise FedkeyError(f"{run_dir}: the chosen users have no test messages to compare on")

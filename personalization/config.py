@@ -33,6 +33,9 @@ class PersonalConfig:
                                   "(it takes over the other variant's unigram mass)")
     regional_min_words: int = _f(2, "a user with this many regional words typed, all of one region, gets that "
                                  "region's variant of every pair (0: only pairs they typed)")
+    regional_respell: bool = _f(True, "spelling preference: a suggested word whose other variant the user prefers "
+                                "is shown in the user's own spelling (whole words: the bias cannot separate "
+                                "variants that share their first piece)")
     regional_locale: bool = _f(False, "spelling preference: a user whose own words show none (or too little) gets "
                                "their keyboard locale's variant of every pair (the user's region stands for the locale)")
     prior_adapter: float = _f(4.0, "Gaussian prior on the adapter's B: this times its squared norm joins the summed loss")

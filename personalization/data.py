@@ -19,6 +19,7 @@ class UserData:
     val: list[list[int]]
     words: Counter = field(default_factory=Counter)  # words of the train messages (not the validation slice)
     spelling: dict[int, float] = field(default_factory=dict)  # fixed bias entries of the spelling preference
+    respell: dict[str, str] = field(default_factory=dict)  # other variant -> the user's own (whole words)
     history: list[list[int]] = field(default_factory=list)  # every framed train message, validation slice last
     n_val_messages: int = 0  # the validation slice's messages at the end of `history`
 

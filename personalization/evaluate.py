@@ -27,6 +27,7 @@ from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import lstm_cell
 from keyboard.words import WORD_RE, PieceTable, normalize
 from personalization.cache import PhraseCache, histories, mix_logp
+from personalization.spelling import respell
 
 
 class AdapterBank:
@@ -36,7 +37,7 @@ class AdapterBank:
     """
 
     def __init__(self, base: KeyboardLM, adapters: dict[str, AdapterArrays],
-                 caches: dict[str, PhraseCache] | None = None) -> None:
+                 caches: dict[str, PhraseCache] | None = None, respell: dict[str, dict[str, str]] | None = None) -> None:
         d, V = base.cfg.embed_dim, base.vocab_size
         caches = caches or {}
         adapters = {**{u: AdapterArrays(np.zeros((d, 0)), np.zeros((0, d)), np.zeros(V), "", u, {}) for u in caches},
@@ -54,6 +55,7 @@ class AdapterBank:
             self.B[i, :k] = torch.from_numpy(np.asarray(ad.B, dtype=np.float32))
             self.UB[i] = torch.from_numpy(np.asarray(ad.user_bias, dtype=np.float32))
         self.caches: list[PhraseCache | None] = [None] + [caches.get(u) for u in self.users]
+        self.respell = {u: m for u, m in (respell or {}).items() if m}  # user -> {other variant: own}
         self.history = max([c.order - 1 for c in caches.values()] + [0])
 
     def mix(self, logp: np.ndarray, rows: np.ndarray, hist: np.ndarray) -> np.ndarray:
@@ -274,6 +276,11 @@ def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progres
                                   hist.astype(np.float32)], axis=1)
             c_w = C[bi, ti].numpy()
             search_queries(backend, table, qs, parsed, row_of, lp_w, h_w, c_w, cfg, results[k])
+            for q in qs:
+                m = bank.respell.get(messages[q.msg].user)
+                if m:
+                    key = (q.msg, q.word_idx, q.typed)
+                    results[k][key] = respell(results[k][key], m, parsed[q.msg][0][q.word_idx][1][:q.typed])
 
     in_chunks(chosen, ids, by_msg, flush, progress)  # chunks by length, as evaluate() makes them
     return results, nll_of

@@ -305,3 +305,12 @@ def test_locale_fills_in_where_the_users_own_words_say_nothing():
     assert sorted(preferences(Counter(), pairs, 2, "GB")) == [("colour", "color"), ("favourite", "favorite")]
     # the user's own words win over the locale
     assert preferences(Counter({"color": 3}), pairs, 5, "GB") == [("color", "colour")]
+
+
+def test_respelling_shows_the_users_own_variant_once():
+    from personalization.spelling import respell
+
+    m = {"color": "colour", "organized": "organised"}
+    assert respell(["color", "red", "colour"], m) == ["colour", "red"]
+    assert respell(["organized", "organ"], m, "organ") == ["organised", "organ"]
+    assert respell(["color"], m, "colo") == ["colour"] and respell(["color"], m, "color") == ["color"]  # typed past the split
