@@ -169,7 +169,10 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
     from data.british import REGIONAL_PAIRS
     from fedkey.pipeline import load_prepared
     from keyboard.evaluate import evaluate
-    from personalization.store import load_personalized
+    from personalization.cache import load_cache
+    from personalization.evaluate import AdapterBank, evaluate_users
+    from personalization.model import PersonalizedLM
+    from personalization.store import cache_path, load_personalized, read_gate
 
     shards, _ = load_prepared(run_dir)
     _users(shards, [user], 0)
@@ -177,10 +180,22 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
     msgs = _messages(shards, [user])
     if not msgs:
         raise FedkeyError(f"user {user!r} has no test messages in {shards.data_dir}")
+    entry = read_gate(run_dir).get(user, {})
+    info.update(phrase_cache=bool(entry.get("use_cache")), respell=len(entry.get("respell") or {}))
     t0 = time.perf_counter()
     with bar(progress, f"evaluating user {user}", len(msgs), unit="msg") as update:
-        res = evaluate(model, tok, msgs, ecfg, REGIONAL_PAIRS, _train_words(shards, [user]),
-                       progress=lambda d, n: update(d, ""))
+        if entry.get("use_cache") or entry.get("respell"):
+            # the phrase cache and whole-word respelling live outside the torch model: the multi-user path applies them
+            base = model.base if isinstance(model, PersonalizedLM) else model
+            ads = {user: model.to_arrays("", user)} if isinstance(model, PersonalizedLM) else {}
+            caches = {user: load_cache(cache_path(run_dir, user), base_id(Path(info["base_model"])))} \
+                if entry.get("use_cache") else {}
+            bank = AdapterBank(base, ads, caches, {user: entry.get("respell") or {}})
+            res = evaluate_users(base, [bank], tok, msgs, ecfg, REGIONAL_PAIRS, _train_words(shards, [user]),
+                                 progress=lambda d, n: update(d, ""))[0]
+        else:
+            res = evaluate(model, tok, msgs, ecfg, REGIONAL_PAIRS, _train_words(shards, [user]),
+                           progress=lambda d, n: update(d, ""))
     res.update({"seconds": time.perf_counter() - t0, "split": TEST_SPLIT[shards.role(user)], "user": user, **info})
     if json_path:
         write_json(json_path, res)

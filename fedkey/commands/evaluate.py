@@ -17,12 +17,21 @@ def register(sub) -> None:
     add_common(p)
     p.add_argument("--model", type=Path, help="model folder (default: the run's centralized model)")
     p.add_argument("--no-ngram", action="store_true", help="skip the back-off trigram baseline")
+    p.add_argument("--user", metavar="ID", help="evaluate this user's personalized model (their adapter, phrase cache "
+                   "and spelling, as `fedkey personalize` kept them; base: the run's fl/ model) on their test messages")
     C.add_flags(p, C.EvalConfig)
 
 
 def run(args: argparse.Namespace) -> None:
     """Evaluate and print the table."""
     ecfg = C.from_args(C.EvalConfig, args)
+    if args.user:
+        from fedkey.personal_stage import evaluate_user_stage
+
+        res = evaluate_user_stage(args.run_dir, args.model, args.user, ecfg, progress=not args.no_progress,
+                                  json_path=args.json)
+        print_eval(res, f"user {args.user} ({'personalized' if res.get('personalized') else 'global model'}) on {res['split']}")
+        return
     model_dir = args.model or args.run_dir / P.CENTRAL
     res = P.evaluate_stage(args.run_dir, model_dir, ecfg, progress=not args.no_progress,
                            json_path=args.json, with_ngram=not args.no_ngram)
