@@ -353,7 +353,7 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
     # the phrase cache is judged as the user would get it on their validation slice: built from the
     # messages before it (the kept cache is built from all train messages)
     gate_caches = [PhraseCache.build(u.history[:len(u.history) - u.n_val_messages], cfg.cache_order, cfg.cache_lam,
-                                     cfg.cache_m0) if cfg.cache_order > 1 and u.val else None for u in users]
+                                     cfg.cache_m0, cfg.cache_max_pieces) if cfg.cache_order > 1 and u.val else None for u in users]
     hists = [histories(u.val, [(b, t) for b, s in enumerate(u.val) for t in range(len(s) - 1)], cfg.cache_order - 1)
              for u in users] if cfg.cache_order > 1 else None
     ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts, cont, gate_caches, hists)
@@ -375,7 +375,7 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
         if gate_caches is not None and gate_caches[ui] is not None and nv:
             r.extra.update({"val_nll_cache": float(ex["nll_cache"][ui]), "val_top1_cache": int(ex["top1_cache"][ui])})
         if cfg.cache_order > 1 and decide_cache(r, cfg):
-            r.cache = PhraseCache.build(u.history, cfg.cache_order, cfg.cache_lam, cfg.cache_m0)
+            r.cache = PhraseCache.build(u.history, cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
         r.use_adapter, r.reason = decide(r, cfg)
         if not r.use_adapter and spelling_only_ok(r, cfg):
             # the trained adapter did not help, but the user's own spelling still should not be overruled

@@ -36,10 +36,10 @@ class PhraseCache:
     table: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ctx -> (ids, counts)
 
     @classmethod
-    def build(cls, seqs: list[list[int]], order: int, lam: float, m0: float) -> "PhraseCache":
-        """Counts of every framed message's (context, next piece) pairs."""
+    def build(cls, seqs: list[list[int]], order: int, lam: float, m0: float, max_pieces: int = 0) -> "PhraseCache":
+        """Counts of the (context, next piece) pairs of the latest messages holding at most max_pieces pieces (0: all)."""
         counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
-        for s in seqs:
+        for s in latest(seqs, max_pieces):
             for t in range(1, len(s)):
                 for k in range(1, min(order - 1, t) + 1):
                     counts[tuple(s[t - k:t])][s[t]] += 1
@@ -84,6 +84,17 @@ class PhraseCache:
             p *= 1 - lk
             p[ids] += lk * cnt / tot
         return p
+
+
+def latest(seqs: list[list[int]], max_pieces: int) -> list[list[int]]:
+    """The newest messages (the list is oldest first) that together hold at most max_pieces pieces (0: all)."""
+    if max_pieces <= 0:
+        return seqs
+    total, start = 0, len(seqs)
+    while start > 0 and total + len(seqs[start - 1]) <= max_pieces:
+        start -= 1
+        total += len(seqs[start])
+    return seqs[start:]
 
 
 def mix_logp(logp: np.ndarray, caches: list[PhraseCache | None], histories: np.ndarray) -> np.ndarray:

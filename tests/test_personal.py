@@ -314,3 +314,14 @@ def test_respelling_shows_the_users_own_variant_once():
     assert respell(["color", "red", "colour"], m) == ["colour", "red"]
     assert respell(["organized", "organ"], m, "organ") == ["organised", "organ"]
     assert respell(["color"], m, "colo") == ["colour"] and respell(["color"], m, "color") == ["color"]  # typed past the split
+
+
+def test_phrase_cache_cap_keeps_only_the_latest_messages():
+    from personalization.cache import PhraseCache
+
+    old, new = [1, 5, 6, 2], [1, 7, 8, 2]  # framed: BOS ... EOS
+    full = PhraseCache.build([old, new], order=3, lam=0.2, m0=5.0)
+    capped = PhraseCache.build([old, new], order=3, lam=0.2, m0=5.0, max_pieces=4)
+    assert (5,) in full.table and (7,) in full.table
+    assert (5,) not in capped.table and (7,) in capped.table  # the older message no longer fits
+    assert len(capped) < len(full)
