@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
+from fedkey.fields import option as _f
 
 MODES = ("adapter", "bias", "last", "full")
 
