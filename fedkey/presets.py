@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 PRESETS: dict[str, dict[str, dict]] = {
-    # about 11 minutes on 2 cores, so the README's first command (with its ~3-minute install) ends within 15
+    # about 12 minutes on 2 cores, so the README's first command (with its ~2-minute install) ends within 15
     "quick": {
         # the centralized baseline gets the larger share: it is the table the first command exists to print
         "central": {"max_tokens": 1_400_000},
-        "fl": {"max_tokens": 400_000, "pretrain_epochs": 1.0},
+        "fl": {"max_tokens": 300_000, "pretrain_epochs": 0.5},
         "eval": {"max_positions": 20_000, "ksr_messages": 300},
-        # every user in about a minute of training: the latest 1k pieces each, a 512-piece shortlist, 20 steps
+        # every user in about two minutes of training: the latest 1k pieces each, a 512-piece shortlist, 20 steps
         "personal": {"steps": 20, "max_train_tokens": 1024, "max_val_tokens": 256, "shortlist": 512},
     },
     # the README's figures: 3M tokens each side (about 1.4 epochs), 100k test positions; ~45 minutes
