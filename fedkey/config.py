@@ -60,6 +60,11 @@ class CentralConfig:
     clip: float = _f(1.0, "gradient norm clip")
     threads: int = _f(0, "torch threads (0: all cores)")
 
+    @classmethod
+    def short(cls, tokens: int, **overrides: Any) -> "CentralConfig":
+        """Settings of a short pretraining run of `tokens` tokens: the warm-up shrinks to a tenth of it."""
+        return cls(max_tokens=tokens, warmup_tokens=min(cls.warmup_tokens, tokens // 10), **overrides)
+
 
 @dataclass
 class EvalConfig:

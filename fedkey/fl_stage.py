@@ -74,8 +74,7 @@ def pretrain_on_public(model, pub: list[list[int]], fcfg: FLConfig, out_dir: Pat
     from keyboard.train import train_central
 
     tokens = int(fcfg.pretrain_epochs * sum(len(s) - 1 for s in pub))
-    ccfg = C.CentralConfig(seed=fcfg.seed, max_tokens=tokens, max_len=fcfg.max_len, threads=fcfg.threads,
-                           warmup_tokens=min(C.CentralConfig.warmup_tokens, tokens // 10))
+    ccfg = C.CentralConfig.short(tokens, seed=fcfg.seed, max_len=fcfg.max_len, threads=fcfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     with bar(progress, "server pretraining on public users", tokens, unit="tok") as update:
         result = train_central(model, pub, ccfg, out_dir, resume=True,

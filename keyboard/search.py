@@ -228,11 +228,10 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
     for _ in range(beam * max_pieces):  # a bound; the frontier empties long before
         if not piece:
             break
-        # stable sort by score, as np.lexsort does for one query: equal scores keep their order
+        # sorted(reverse=True) keeps equal scores in their original order, as the stable lexsort on -score does
         order = [i for i in sorted(range(len(score)), key=score.__getitem__, reverse=True) if score[i] >= thresh]
         if not order:
             break
-        # sorted(reverse=True) keeps equal keys in their original order, as the stable lexsort on -score does
         order = order[:beam]
         go, wait = order[:wave], order[wave:]
         if wait and ahead:  # a caching backend may run them in the same call

@@ -43,9 +43,7 @@ class PhraseCache:
             for t in range(1, len(s)):
                 for k in range(1, min(order - 1, t) + 1):
                     counts[tuple(s[t - k:t])][s[t]] += 1
-        table = {ctx: (np.array(list(c), dtype=np.int64), np.array(list(c.values()), dtype=np.float64))
-                 for ctx, c in counts.items()}
-        return cls(order, lam, m0, table)
+        return cls(order, lam, m0, _table(counts))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for an adapter file: contexts padded with -1 on the left, next piece, count."""
@@ -63,9 +61,7 @@ class PhraseCache:
         counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
         for ctx, nxt, c in zip(z["cache_ctx"].tolist(), z["cache_next"].tolist(), z["cache_count"].tolist()):
             counts[tuple(p for p in ctx if p >= 0)][nxt] += c
-        table = {ctx: (np.array(list(c), dtype=np.int64), np.array(list(c.values()), dtype=np.float64))
-                 for ctx, c in counts.items()}
-        return cls(int(order), float(lam), float(m0), table)
+        return cls(int(order), float(lam), float(m0), _table(counts))
 
     def __len__(self) -> int:
         return sum(len(ids) for ids, _ in self.table.values())
@@ -84,6 +80,12 @@ class PhraseCache:
             p *= 1 - lk
             p[ids] += lk * cnt / tot
         return p
+
+
+def _table(counts: dict[tuple[int, ...], Counter]) -> dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]:
+    """Per context, its continuations as (piece ids, counts) arrays."""
+    return {ctx: (np.array(list(c), dtype=np.int64), np.array(list(c.values()), dtype=np.float64))
+            for ctx, c in counts.items()}
 
 
 def latest(seqs: list[list[int]], max_pieces: int) -> list[list[int]]:

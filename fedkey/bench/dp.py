@@ -64,7 +64,7 @@ def public_model(run_dir: Path, tokens: int, threads: int) -> Path:
 
     out = run_dir / "privacy" / "public"
     shards, tok = P.load_prepared(run_dir)
-    ccfg = CentralConfig(max_tokens=tokens, warmup_tokens=min(50_000, tokens // 10), threads=threads)
+    ccfg = CentralConfig.short(tokens, threads=threads)
     inputs = {"tokenizer": tok.sha256, "shards": shards.manifest.get("source_hash", "")}
     key = stage_key({"central": to_dict(ccfg), "split": "public_train"}, inputs)
     if is_done(out, key, ["model.pt"]):
