@@ -30,6 +30,13 @@ def _top_per_row(scores: np.ndarray, n: int) -> np.ndarray:
     return np.argpartition(-scores, n - 1, axis=1)[:, :n]
 
 
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest of a 1-D array, in no particular order (all of them when it is that short)."""
+    if len(scores) <= n:
+        return np.arange(len(scores))
+    return np.argpartition(-scores, n - 1)[:n]
+
+
 def search_words(
     backend: StepBackend,
     table: PieceTable,
@@ -199,9 +206,7 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
     thresh = -np.inf
     kind = "start_space" if space else "start_nospace"
     if part:
-        cand = table.compatible(kind, part)
-        if lex is not None:
-            cand = np.intersect1d(cand, lex.pieces_after(table, kind, ""), assume_unique=True)
+        cand = table.compatible(kind, part) if lex is None else lex.pieces_fitting(table, kind, "", part)
         sc = logp0[cand]
         top = np.argsort(-sc)[:beam]
     else:
@@ -209,7 +214,7 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
         if len(cand) == 0:
             return [], done
         sc = logp0[cand]
-        top = _top_per_row(sc[None], beam)[0]
+        top = _top(sc, beam)
     if len(cand) == 0:
         return [], done
     surface = table.surface
@@ -240,17 +245,17 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
         gscore = [score[i] for i in go]
         gdepth = [depth[i] for i in go]
         gsurf = [surf[i] for i in go]
-        cont_lp = logp.take(table.cont, axis=1)
-        p_more = np.exp(logp.take(table.nonboundary, axis=1)).sum(axis=1)
-        bnd = np.log(np.maximum(1.0 - p_more, 1e-12)).tolist()  # np.clip's overhead is a third of this line
-        touched = False
-        for b, word in enumerate(gsurf):
-            if len(word) >= lp_part and word.startswith(part) and WORD_RE.fullmatch(word) and (lex is None or word in lex):
-                total = gscore[b] + bnd[b]
-                old = done.get(word)
-                done[word] = total if old is None else float(np.logaddexp(old, total))
-                touched = True
-        if touched and len(done) >= k:
+        # only rows that spell a whole word need the boundary mass (often none do: a word's first piece is short)
+        whole = [b for b, word in enumerate(gsurf)
+                 if len(word) >= lp_part and word.startswith(part) and WORD_RE.fullmatch(word) and (lex is None or word in lex)]
+        if whole:
+            p_more = np.exp(logp[whole].take(table.nonboundary, axis=1)).sum(axis=1)
+            bnd = np.log(np.maximum(1.0 - p_more, 1e-12)).tolist()  # np.clip's overhead is a third of this line
+        for r, b in enumerate(whole):
+            word, total = gsurf[b], gscore[b] + bnd[r]
+            old = done.get(word)
+            done[word] = total if old is None else float(np.logaddexp(old, total))
+        if whole and len(done) >= k:
             thresh = sorted(done.values(), reverse=True)[k - 1]
         if lex is not None and done:
             if len(done) == reachable:
@@ -267,11 +272,11 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
                 allowed = lex.pieces_after(table, "cont", gsurf[b])
                 if len(allowed):
                     lp = logp[b, allowed]
-                    o = _top_per_row(lp[None], beam)[0]
+                    o = _top(lp, beam)
                     parent.extend([b] * len(o)); cpiece.extend(allowed[o].tolist())
                     cscore.extend((gscore[b] + lp[o].astype(np.float64)).tolist())
         elif free:
-            sub = cont_lp[free]
+            sub = logp[free].take(table.cont, axis=1)
             top = _top_per_row(sub, beam)
             vals = (np.asarray(gscore)[free, None] + sub[np.arange(len(free))[:, None], top]).tolist()
             ids = table.cont[top].tolist()
@@ -279,13 +284,10 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
                 parent.extend([b] * len(ids[r])); cpiece.extend(ids[r]); cscore.extend(vals[r])
         for b in range(len(go)):
             if gdepth[b] + 1 < max_pieces and len(gsurf[b]) < lp_part:
-                allowed = table.compatible("cont", part[len(gsurf[b]):])
+                rest = part[len(gsurf[b]):]
+                allowed = table.compatible("cont", rest) if lex is None else lex.pieces_fitting(table, "cont", gsurf[b], rest)
                 if len(allowed) == 0:
                     continue
-                if lex is not None:
-                    allowed = np.intersect1d(allowed, lex.pieces_after(table, "cont", gsurf[b]), assume_unique=True)
-                    if len(allowed) == 0:
-                        continue
                 lp = logp[b, allowed]
                 o = np.argsort(-lp)[:beam]
                 parent.extend([b] * len(o)); cpiece.extend(allowed[o].tolist())

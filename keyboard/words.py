@@ -137,6 +137,7 @@ class Lexicon:
         self._user: list[str] = []
         self._user_set: set[str] = set()
         self._after: dict[tuple[str, str], np.ndarray] = {}
+        self._fit: dict[tuple[str, str, str], np.ndarray] = {}
         self._table: PieceTable | None = None
         self._base_arr: np.ndarray | None = None  # the shipped words as one NumPy array, for batched prefix tests
 
@@ -154,6 +155,7 @@ class Lexicon:
         other = Lexicon.__new__(Lexicon)
         other._base, other._base_set, other._user, other._user_set = self._base, self._base_set, [], set()
         other._after, other._table = dict(self._after), self._table  # the shipped words' piece sets hold
+        other._fit = dict(self._fit)
         other._base_arr = self._base_arr
         return other
 
@@ -165,6 +167,7 @@ class Lexicon:
                 self._user_set.add(w)
                 bisect.insort(self._user, w)
                 self._extend_pieces(w)
+                self._fit.clear()  # its entries were cut from piece sets that may have grown
 
     def _extend_pieces(self, word: str) -> None:
         # the cached piece sets of the word's prefixes grow; recomputing them all would stall a keystroke
@@ -192,13 +195,28 @@ class Lexicon:
         With kind "start_space" the bare space piece counts too: the word's pieces follow it.
         """
         if table is not self._table:  # piece ids belong to one tokenizer
-            self._table, self._after = table, {}
+            self._table, self._after, self._fit = table, {}, {}
         key = (kind, prefix)
         got = self._after.get(key)
         if got is None:
             if len(self._after) >= 16384:  # bounded: a long session visits many prefixes once
                 self._after.clear()
             got = self._after[key] = self._pieces_after(table, kind, prefix)
+        return got
+
+    def pieces_fitting(self, table: PieceTable, kind: str, prefix: str, typed: str) -> np.ndarray:
+        """Sorted ids of `kind` pieces that extend `prefix` towards a word and fit the still-untyped `typed` rest.
+
+        The search asks this for the same (prefix, rest) on every keystroke of a word, so it is cached.
+        """
+        if table is not self._table:
+            self.pieces_after(table, kind, prefix)  # adopts the table and drops sets of another one
+        key = (kind, prefix, typed)
+        got = self._fit.get(key)
+        if got is None:
+            if len(self._fit) >= 16384:
+                self._fit.clear()
+            got = self._fit[key] = _sorted_common(table.compatible(kind, typed), self.pieces_after(table, kind, prefix))
         return got
 
     def warm(self, table: PieceTable) -> None:
@@ -249,6 +267,14 @@ class Lexicon:
             if i < len(words) and words[i].startswith(prefix):
                 return True
         return False
+
+
+def _sorted_common(small: np.ndarray, large: np.ndarray) -> np.ndarray:
+    """The ids of sorted `small` also in sorted `large`: bisections, not intersect1d's sort of both."""
+    if len(small) == 0 or len(large) == 0:
+        return small[:0]
+    at = np.minimum(np.searchsorted(large, small), len(large) - 1)
+    return small[large[at] == small]
 
 
 def collect_words(texts: list[str], min_count: int = 1) -> list[str]:

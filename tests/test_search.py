@@ -77,3 +77,23 @@ def test_lexicon_text_round_trip():
     lex = Lexicon(["Hello", "don't", "x-ray", "über", "hello"])
     assert Lexicon.from_text(lex.to_text()).to_text() == lex.to_text() == "don't\nhello\nüber\n"
     assert lex.count_prefix("") == 3 and lex.count_prefix("h") == 1 and not lex.has_prefix("x")
+
+
+def test_lexicon_fitting_pieces_match_a_fresh_intersection_before_and_after_learning(tiny_tok):
+    from tests.conftest import PHRASES
+    from keyboard.words import Lexicon, collect_words
+
+    lex = Lexicon(collect_words(PHRASES))
+    table = PieceTable.from_tokenizer(tiny_tok)
+
+    def want(kind: str, prefix: str, typed: str) -> list[int]:
+        return np.intersect1d(table.compatible(kind, typed), lex.pieces_after(table, kind, prefix)).tolist()
+
+    asks = [("start_space", "", "co"), ("start_space", "", "colo"), ("cont", "co", "lo"), ("cont", "col", "ou"),
+            ("start_nospace", "", "zz")]
+    for ask in asks:
+        assert lex.pieces_fitting(table, *ask).tolist() == want(*ask), ask
+    lex.learn(["colourful", "zzyzx"])  # the cached answers grow with the user's words
+    for ask in asks:
+        assert lex.pieces_fitting(table, *ask).tolist() == want(*ask), ask
+    assert len(lex.pieces_fitting(table, "cont", "col", "ou")) > 0
