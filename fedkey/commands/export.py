@@ -26,8 +26,9 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, help="bundle folder (default: RUN_DIR/export)")
     p.add_argument("--quant", choices=["weights", "dynamic"], default="weights",
                    help="int8 method: per-channel int8 weights (default) or onnxruntime dynamic quantization")
-    p.add_argument("--parity-positions", type=int, default=2000,
-                   help="seeded sample of test word positions for int8-vs-torch parity (0: skip)")
+    p.add_argument("--parity-positions", type=int, default=10000,
+                   help="seeded sample of test word positions for int8-vs-torch parity (0: skip); at a 99%% "
+                        "agreement 2,000 positions leave a standard error of 0.22 points, 10,000 of 0.1")
     p.add_argument("--seed", type=int, default=0, help="seed of the parity sample")
     p.add_argument("--lexicon-min-count", type=int, default=1,
                    help="ship as the lexicon the words seen this often in public users' text (0: ship none)")
