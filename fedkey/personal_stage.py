@@ -71,7 +71,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
 
     if pcfg.mode not in ("adapter", "bias"):
         raise FedkeyError(f"--mode {pcfg.mode}: whole-model fine-tuning makes no adapter files; compare it with "
-                          "`fedkey bench personal-modes`")
+                          "`fedkey bench personal_modes`")
     model_dir = Path(model_dir) if model_dir else default_base(run_dir)
     bid = base_id(model_dir)
     shards, _ = load_prepared(run_dir)

@@ -325,3 +325,41 @@ def test_phrase_cache_cap_keeps_only_the_latest_messages():
     assert (5,) in full.table and (7,) in full.table
     assert (5,) not in capped.table and (7,) in capped.table  # the older message no longer fits
     assert len(capped) < len(full)
+
+
+def colour_odds(model, tok, context: str = "i like the ") -> float:
+    p = {s.word: s.prob for s in Predictor(TorchBackend(model), PieceTable.from_tokenizer(tok), tok.encode).suggest(context, k=5)}
+    return p.get("colour", 0.0) / p["color"]
+
+
+def test_fine_tuning_arms_learn_colour_touch_only_their_layers_and_are_gated(fed_model, tiny_tok):
+    from personalization.finetune import LAST_PARAMS, finetune_user
+
+    cfg = PersonalConfig(steps=40, gate_top1_gain=0)  # a validation slice of 8 words: the loss decides
+    cont = torch.zeros(tiny_tok.vocab_size, dtype=torch.bool)
+    cont[torch.from_numpy(PieceTable.from_tokenizer(tiny_tok).cont)] = True
+    ud = user_data(tiny_tok, "brit", british_texts(), cfg)
+    before = {n: p.detach().clone() for n, p in fed_model.named_parameters()}
+    for mode in ("last", "full"):
+        r = finetune_user(fed_model, ud, cfg, mode, starts_of(tiny_tok), cont)
+        assert r.use_adapter and r.model is not None and r.val_personal < r.val_global, (mode, r.reason)
+        odds = colour_odds(r.model, tiny_tok)
+        assert odds > 5 * colour_odds(fed_model, tiny_tok), (mode, odds)  # from 0.08 (last: ~0.7, full: ~1.3)
+        if mode == "full":
+            assert odds > 1  # colour above color
+        changed = {n for n, p in r.model.named_parameters() if not torch.equal(p, before[n])}
+        assert changed == set(LAST_PARAMS) if mode == "last" else len(changed) == len(before), (mode, changed)
+    assert all(torch.equal(p, before[n]) for n, p in fed_model.named_parameters())  # the global model is untouched
+    one = finetune_user(fed_model, user_data(tiny_tok, "one", ["how are you doing today"], cfg, "US"), cfg, "full",
+                        starts_of(tiny_tok), cont)
+    assert one.model is None and one.reason == "no validation slice"
+
+
+def test_personal_modes_bench_gives_one_line_errors(tmp_path, capsys):
+    from fedkey.cli import main
+
+    assert main(["bench", "personal_modes", "--run-dir", str(tmp_path), "--arms", "adapter,everything"]) == 2
+    assert "--arms 'adapter,everything': choose among adapter, last, full" in capsys.readouterr().err
+    assert main(["bench", "personal_modes", "--run-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
