@@ -28,11 +28,11 @@ FINETUNE_LR = {"last": 1e-3, "full": 3e-4}  # Adam; the global model was trained
 
 @dataclass
 class FinetuneResult:
-    """One user's fine-tuned model (or None: the gate kept the global model) and the gate's evidence."""
+    """One user's fine-tuned model, the gate's decision (use_adapter) and its evidence."""
 
     user: str
     region: str
-    model: KeyboardLM | None
+    model: KeyboardLM | None  # the best validation checkpoint, whatever the gate said (None: nothing trained)
     train_tokens: int
     val_tokens: int
     val_global: float | None
@@ -119,7 +119,6 @@ def finetune_user(base: KeyboardLM, u: UserData, cfg: PersonalConfig, mode: str,
     res.val_global, res.val_personal, res.best_step = glob_nll, nll, step
     res.extra = {"val_words": n_words, "val_top1_global": glob_right, "val_top1_personal": right}
     res.use_adapter, res.reason = decide(res, cfg)
-    if res.use_adapter:
-        model.load_state_dict(state)
-        res.model = model.eval()
+    model.load_state_dict(state)
+    res.model = model.eval()
     return res

@@ -352,7 +352,7 @@ def test_fine_tuning_arms_learn_colour_touch_only_their_layers_and_are_gated(fed
     assert all(torch.equal(p, before[n]) for n, p in fed_model.named_parameters())  # the global model is untouched
     one = finetune_user(fed_model, user_data(tiny_tok, "one", ["how are you doing today"], cfg, "US"), cfg, "full",
                         starts_of(tiny_tok), cont)
-    assert one.model is None and one.reason == "no validation slice"
+    assert one.model is None and not one.use_adapter and one.reason == "no validation slice"
 
 
 def test_personal_modes_bench_gives_one_line_errors(tmp_path, capsys):

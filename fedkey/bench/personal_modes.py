@@ -28,6 +28,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     """Flags of this benchmark."""
     p.add_argument("--model", type=Path, help="global model folder (default: the run's fl/ model, else central/)")
     p.add_argument("--users", type=int, default=40, help="seeded sample of training users")
+    p.add_argument("--min-train-tokens", type=int, default=1000,
+                   help="sample among users with at least this many train pieces (most users have too little text "
+                        "for any arm to pass the gate)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms among {', '.join(ARMS)}")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample and of training")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
     from personalization.config import PersonalConfig
     from personalization.data import load_users
     from personalization.evaluate import AdapterBank, evaluate_users
-    from personalization.finetune import finetune_user
+    from personalization.finetune import LAST_PARAMS, finetune_user
     from personalization.report import count_changes
     from personalization.store import base_id, default_base
 
@@ -71,14 +74,19 @@ def run(args: argparse.Namespace) -> None:
     model_dir = args.model or default_base(args.run_dir)
     bid = base_id(model_dir)
     shards, _ = P.load_prepared(args.run_dir)
-    pool = shards.users("train")
-    rng = np.random.default_rng(args.seed)
-    users = sorted(pool[i] for i in rng.choice(len(pool), size=min(args.users, len(pool)), replace=False))
+    base, tok, _ = load_model(model_dir)
+    base.eval()
     # the adaptation layers alone: no phrase cache, spelling preference or respelling in any arm
     pcfg = PersonalConfig(seed=args.seed, cache_order=0, regional_penalty=0.0, regional_respell=False)
     ecfg = C.EvalConfig(max_positions=0, ksr_messages=0, threads=args.threads)
-    base, tok, _ = load_model(model_dir)
-    base.eval()
+    pool = shards.users("train")
+    if args.min_train_tokens > 0:
+        every = load_users(shards, tok, pool, pcfg.val_frac, pcfg.max_len, 10**9, 0, split=TRAIN_SPLIT["train"])
+        pool = [u.user for u in every if u.train_tokens >= args.min_train_tokens]
+        if not pool:
+            raise FedkeyError(f"no training user has {args.min_train_tokens} train pieces; lower --min-train-tokens")
+    rng = np.random.default_rng(args.seed)
+    users = sorted(pool[i] for i in rng.choice(len(pool), size=min(args.users, len(pool)), replace=False))
     table = PieceTable.from_tokenizer(tok)
     starts = torch.zeros(tok.vocab_size, dtype=torch.bool)
     starts[torch.from_numpy(table.start_space)] = True
@@ -90,49 +98,54 @@ def run(args: argparse.Namespace) -> None:
     region_of = {u.user: u.region for u in data}
     model_bytes = (model_dir / "model.pt").stat().st_size
 
-    out: dict = {"model": str(model_dir), "users": len(users), "seed": args.seed, "arms": {}}
+    out: dict = {"model": str(model_dir), "users": len(users), "min_train_tokens": args.min_train_tokens,
+                 "seed": args.seed, "arms": {}}
     t0 = time.perf_counter()
     adapters = train_adapters(base, data, pcfg, starts, cont) if "adapter" in arms else []
     t_adapter = time.perf_counter() - t0
-    bank = AdapterBank(base, {r.user: AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {})
-                              for r in adapters if r.use_adapter})
+
+    def bank(only_gated: bool) -> AdapterBank:
+        return AdapterBank(base, {r.user: AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {})
+                                  for r in adapters if r.use_adapter or not only_gated})
+
     with bar(not args.no_progress, f"evaluating global and adapters on {len(users)} users' test text", len(msgs),
              unit="msg") as update:
-        glob, adapted = evaluate_users(base, [AdapterBank(base, {}), bank], tok, msgs, ecfg,
-                                       progress=lambda d, n: update(d, ""))
+        glob, gated, always = evaluate_users(base, [AdapterBank(base, {}), bank(True), bank(False)], tok, msgs, ecfg,
+                                             progress=lambda d, n: update(d, ""))
     g_top1 = {u: m["top1"] for u, m in glob["per_user"].items() if m["top1"] is not None}  # users with test words
     out["global"] = {"mean_top1": float(np.mean(list(g_top1.values()))), "pooled_top1": glob["pooled"]["top1"]}
-    per_arm: dict[str, dict[str, float]] = {}
+    per_arm: dict[str, tuple[dict, dict]] = {}  # arm -> (gated, always applied) per-user top-1
     if "adapter" in arms:
         with tempfile.TemporaryDirectory() as tmp:
             sizes = [save_adapter(Path(tmp) / f"{r.user}.npz", AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {}))
-                     for r in adapters if r.use_adapter]
-        per_arm["adapter"] = {u: m["top1"] for u, m in adapted["per_user"].items()}
+                     for r in adapters]
+        per_arm["adapter"] = tuple({u: m["top1"] for u, m in e["per_user"].items()} for e in (gated, always))
         out["arms"]["adapter"] = {"gated_in": sum(r.use_adapter for r in adapters), "train_s": t_adapter,
-                                  "bytes_per_user": float(np.mean(sizes)) if sizes else 0.0}
+                                  "bytes_per_user": float(np.mean(sizes))}
     for arm in (a for a in arms if a != "adapter"):
-        t1, kept, top1 = time.perf_counter(), 0, dict(g_top1)
+        t1, kept, top1_g, top1_a = time.perf_counter(), 0, dict(g_top1), dict(g_top1)
         with bar(not args.no_progress, f"fine-tuning ({arm}) and evaluating", len(data), unit="users") as update:
             for i, u in enumerate(data):
                 r = finetune_user(base, u, pcfg, arm, starts, cont)
-                mine = [m for m in msgs if m.user == u.user]
-                if r.model is not None:
-                    kept += 1
-                    if u.user in g_top1:
-                        top1[u.user] = evaluate(r.model, tok, mine, ecfg)["per_user"][u.user]["top1"]
+                kept += r.use_adapter
+                if r.model is not None and u.user in g_top1:
+                    got = evaluate(r.model, tok, [m for m in msgs if m.user == u.user], ecfg)["per_user"][u.user]["top1"]
+                    top1_a[u.user] = got
+                    if r.use_adapter:
+                        top1_g[u.user] = got
                 update(i + 1, "")
-        per_arm[arm] = top1
-        trained = sum(p.numel() for n, p in base.named_parameters()
-                      if arm == "full" or n in ("lstm.weight_hr_l0", "out_bias"))
+        per_arm[arm] = (top1_g, top1_a)
+        trained = sum(p.numel() for n, p in base.named_parameters() if arm == "full" or n in LAST_PARAMS)
         out["arms"][arm] = {"gated_in": kept, "train_s": time.perf_counter() - t1, "trained_params": trained,
                             "bytes_per_user": float(model_bytes)}
-    for arm, top1 in per_arm.items():
-        gains = {u: 100 * (top1[u] - g_top1[u]) for u in g_top1}
-        ch = count_changes({u: g / 100 for u, g in gains.items()}, region_of)
-        out["arms"][arm].update({"mean_top1": float(np.mean([top1[u] for u in g_top1])),
-                                 "mean_gain_points": float(np.mean(list(gains.values()))),
-                                 "improved": ch["improved"], "hurt": ch["hurt"], "unchanged": ch["unchanged"],
-                                 "gain_per_user": gains})
+    for arm, pair in per_arm.items():
+        for key, top1 in zip(("gated", "always"), pair):
+            gains = {u: 100 * (top1[u] - g_top1[u]) for u in g_top1}
+            ch = count_changes({u: g / 100 for u, g in gains.items()}, region_of)
+            out["arms"][arm][key] = {"mean_top1": float(np.mean([top1[u] for u in g_top1])),
+                                     "mean_gain_points": float(np.mean(list(gains.values()))),
+                                     "improved": ch["improved"], "hurt": ch["hurt"], "unchanged": ch["unchanged"],
+                                     "gain_per_user": gains}
     console.print(_table(out))
     plot = args.plot or (args.json.with_suffix(".png") if args.json else args.run_dir / "bench" / "personal_modes.png")
     _plot(out, plot)
@@ -144,15 +157,18 @@ def run(args: argparse.Namespace) -> None:
 def _table(out: dict):
     from rich.table import Table
 
-    t = Table(title=f"personalization arms on {out['users']} users' test splits (global mean top-1 "
-                    f"{100 * out['global']['mean_top1']:.2f}%)")
-    for col in ("arm", "users kept", "mean top-1", "mean gain", "improved / hurt > 0.5 / unchanged", "stored per user",
-                "train time"):
+    t = Table(title=f"personalization arms on {out['users']} users' test splits (users with >= "
+                    f"{out['min_train_tokens']:,} train pieces; global mean top-1 {100 * out['global']['mean_top1']:.2f}%)")
+    for col in ("arm", "gate kept", "mean gain, gated", "improved / hurt > 0.5 / same, gated", "mean gain, always",
+                "improved / hurt > 0.5 / same, always", "stored per user", "train time"):
         t.add_column(col, justify="left" if col == "arm" else "right")
     for arm, a in out["arms"].items():
         size = a["bytes_per_user"]
-        t.add_row(arm, f"{a['gated_in']}", f"{100 * a['mean_top1']:.2f}%", f"{a['mean_gain_points']:+.2f} pt",
-                  f"{a['improved']} / {a['hurt']} / {a['unchanged']}",
+        cells = []
+        for key in ("gated", "always"):
+            r = a[key]
+            cells += [f"{r['mean_gain_points']:+.2f} pt", f"{r['improved']} / {r['hurt']} / {r['unchanged']}"]
+        t.add_row(arm, f"{a['gated_in']}", *cells,
                   f"{size / 1e3:.1f} kB" if size < 1e6 else f"{size / 1e6:.1f} MB (whole model)", f"{a['train_s']:.0f} s")
     return t
 
@@ -165,14 +181,15 @@ def _plot(out: dict, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     arms = list(out["arms"])
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    data = [sorted(out["arms"][a]["gain_per_user"].values()) for a in arms]
-    ax.boxplot(data, showmeans=True)
-    ax.set_xticks(range(1, len(arms) + 1), arms)
-    ax.axhline(0, color="grey", lw=1)
-    ax.axhline(-0.5, color="tab:red", lw=1, ls="--", label="hurt: below -0.5 point")
-    ax.set_ylabel("per-user top-1 gain over the global model (points)")
-    ax.set_title(f"{out['users']} users, each arm gated on the user's validation slice")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, key, title in zip(axes, ("gated", "always"), ("gated on the validation slice", "always applied")):
+        ax.boxplot([sorted(out["arms"][a][key]["gain_per_user"].values()) for a in arms], showmeans=True)
+        ax.set_xticks(range(1, len(arms) + 1), arms)
+        ax.axhline(0, color="grey", lw=1)
+        ax.axhline(-0.5, color="tab:red", lw=1, ls="--", label="hurt: below -0.5 point")
+        ax.set_title(title)
+    axes[0].set_ylabel("per-user top-1 gain over the global model (points)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{out['users']} users with >= {out['min_train_tokens']:,} train pieces")
     fig.tight_layout()
     save_figure(fig, path)
