@@ -2,7 +2,8 @@
 
 A bundle directory holds model.onnx, model.int8.onnx, tokenizer.model, manifest.json (hashes, shapes,
 quantization settings, source checkpoint, base_id) and, optionally, lexicon.txt (the words suggestions
-come from) and adapters/<user>.npz + profiles.json.
+come from) and adapters/<user>.npz + profiles.json, with respell.json holding the shipped users' whole-word
+spelling preferences (other variant -> their own).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 from fedkey.errors import FedkeyError
 
 FORMAT = "fedkey-bundle/1"
-FP32, INT8, TOKENIZER, MANIFEST, PROFILES, ADAPTERS, LEXICON = (
-    "model.onnx", "model.int8.onnx", "tokenizer.model", "manifest.json", "profiles.json", "adapters", "lexicon.txt")
+FP32, INT8, TOKENIZER, MANIFEST, PROFILES, ADAPTERS, LEXICON, RESPELL = (
+    "model.onnx", "model.int8.onnx", "tokenizer.model", "manifest.json", "profiles.json", "adapters", "lexicon.txt",
+    "respell.json")
 
 
 def sha256_bytes(data: bytes) -> str:

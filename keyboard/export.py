@@ -269,20 +269,22 @@ def _opset(path: Path) -> int:
 
 
 def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, tuple[Path, str]] | None = None,
-                 settings: QuantSettings | None = None, lexicon: dict | None = None) -> dict:
+                 settings: QuantSettings | None = None, lexicon: dict | None = None,
+                 respellings: dict[str, dict[str, str]] | None = None) -> dict:
     """Write a bundle (fp32 and int8 graphs, tokenizer, lexicon, shipped adapters, manifest); returns the manifest.
 
     `adapters` maps user -> (adapter .npz, region); each is refused unless made for this model.
     `lexicon` is {"words": [...], "source": str, "min_count": int}: the words the runtime suggests
-    (None: no list shipped, suggestions are whatever the pieces spell).
+    (None: no list shipped, suggestions are whatever the pieces spell). `respellings` maps a shipped
+    user to their whole-word spelling preference {other variant: own} (personalize's gate.json).
     The manifest is written last, so a half-written bundle fails its hash check instead of loading.
     """
     import fedkey
     from fedkey.io import write_json
     from fedkey.stages import file_hash
     from keyboard.adapter_file import load_adapter
-    from keyboard.bundle import (ADAPTERS, FORMAT, FP32, INT8, LEXICON, MANIFEST, PROFILES, TOKENIZER, adapter_name,
-                                 sha256_bytes)
+    from keyboard.bundle import (ADAPTERS, FORMAT, FP32, INT8, LEXICON, MANIFEST, PROFILES, RESPELL, TOKENIZER,
+                                 adapter_name, sha256_bytes)
     from keyboard.words import Lexicon
     from keyboard.checkpoint import MODEL_FILE, load_model
 
@@ -316,6 +318,12 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
         names += [PROFILES] + [adapter_name(u) for u in sorted(adapters)]
     elif (out / PROFILES).exists():
         (out / PROFILES).unlink()
+    shipped = {u: dict(sorted(m.items())) for u, m in sorted((respellings or {}).items()) if m and u in (adapters or {})}
+    if shipped:
+        write_json(out / RESPELL, shipped)
+        names.append(RESPELL)
+    elif (out / RESPELL).exists():
+        (out / RESPELL).unlink()
     files = {}
     for name in names:
         data = (out / name).read_bytes()

@@ -6,18 +6,19 @@ plus profile switching between the global model and the users' adapters shipped 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
 
 from fedkey.errors import FedkeyError
 from keyboard.adapter_file import load_adapter
-from keyboard.bundle import FP32, INT8, LEXICON, TOKENIZER, Bundle, adapter_name, open_bundle
+from keyboard.bundle import FP32, INT8, LEXICON, RESPELL, TOKENIZER, Bundle, adapter_name, open_bundle
 from keyboard.onnx_backend import OnnxBackend, StepCache, make_session
 from keyboard.predictor import Predictor, Suggestion
 from keyboard.search import LEX_MARGIN, search_words
 from keyboard.tokenizer import Tokenizer
-from keyboard.words import WORD_RE, Lexicon, PieceTable, split_typed
+from keyboard.words import WORD_RE, Lexicon, PieceTable, respell_scored, split_typed
 
 MAX_K = 16
 # the model conditions on the recent text only; the window starts on a block boundary so it moves
@@ -103,6 +104,7 @@ class OnDevicePredictor:
         self.last_latency_ms = 0.0
         self.load_ms = 0.0
         self._profile: str | None = None
+        self._respell: dict[str, str] = {}  # the profile's whole-word spelling preference: other variant -> own
         self._reset()
 
     def _reset(self) -> None:
@@ -136,8 +138,21 @@ class OnDevicePredictor:
             ad = load_adapter(self.bundle.dir / name, expect_base_id=self.bundle.manifest["base_id"],
                               vocab_size=self.backend.vocab_size, embed_dim=self.backend.embed_dim)
             self.backend.set_adapter(ad.A, ad.B, ad.user_bias)
+        self._respell = self._respelling(user_id) if user_id is not None else {}
         self._profile = user_id
         self._reset()
+
+    def _respelling(self, user_id: str) -> dict[str, str]:
+        if RESPELL not in self.bundle.manifest["files"]:
+            return {}
+        try:
+            maps = json.loads(self.bundle.read(RESPELL).decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FedkeyError(f"{self.bundle.dir / RESPELL}: not valid JSON; re-run `fedkey export`") from None
+        got = maps.get(user_id, {}) if isinstance(maps, dict) else None
+        if not isinstance(got, dict):
+            raise FedkeyError(f"{self.bundle.dir / RESPELL}: expected {{user: {{word: word}}}}; re-run `fedkey export`")
+        return {str(k): str(v) for k, v in got.items()}
 
     @property
     def steps_run(self) -> int:
@@ -155,6 +170,9 @@ class OnDevicePredictor:
         # lone surrogates (from broken clipboard text) cannot be encoded; they become U+FFFD
         text = text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
         out = self.predictor.suggest(text, k)
+        if self._respell:  # the user's own spelling of a suggested word, shown once in its place
+            pairs = respell_scored([(s.word, s.prob) for s in out], self._respell, split_typed(text)[1])
+            out = [Suggestion(w, p) for w, p in pairs]
         self.last_latency_ms = (time.perf_counter() - t0) * 1e3
         return out
 

@@ -277,6 +277,24 @@ def _sorted_common(small: np.ndarray, large: np.ndarray) -> np.ndarray:
     return small[large[at] == small]
 
 
+def respell(suggestions: list[str], respelling: dict[str, str], partial: str = "") -> list[str]:
+    """Suggestions with the other variant of a preferred pair shown as the user's own (once, in its place),
+    where the own variant fits what is typed: continuation pieces ("ise"/"ize") are shared by unrelated words,
+    so a bias cannot tell the variants apart after a shared first piece ("▁organ"), but a whole word can."""
+    return [w for w, _ in respell_scored([(w, 0.0) for w in suggestions], respelling, partial)]
+
+
+def respell_scored(suggestions: list[tuple[str, float]], respelling: dict[str, str],
+                   partial: str = "") -> list[tuple[str, float]]:
+    """`respell` for (word, probability) pairs: a word shown in the user's spelling carries both variants' mass."""
+    out: dict[str, float] = {}
+    for w, p in suggestions:
+        own = respelling.get(w)
+        w = own if own is not None and own.startswith(partial) else w
+        out[w] = out.get(w, 0.0) + p
+    return list(out.items())
+
+
 def collect_words(texts: list[str], min_count: int = 1) -> list[str]:
     """Words (normalized, as the tokenizer sees them) occurring at least `min_count` times in `texts`."""
     counts: dict[str, int] = {}

@@ -25,9 +25,8 @@ from keyboard.metrics import regional_hit
 from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import lstm_cell
-from keyboard.words import WORD_RE, PieceTable, normalize
+from keyboard.words import WORD_RE, PieceTable, normalize, respell
 from personalization.cache import PhraseCache, histories, mix_logp
-from personalization.spelling import respell
 
 
 class AdapterBank:

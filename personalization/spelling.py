@@ -101,16 +101,3 @@ def attach_spelling(users: list, tok, out_bias: np.ndarray, pairs: dict[str, str
         u.respell = {other: own for own, other in prefs} if cfg.regional_respell else {}
         u.spelling = spelling_bias(prefs, tok, out_bias,
                                    cfg.regional_penalty, cfg.regional_max_lift, cache)
-
-
-def respell(suggestions: list[str], respelling: dict[str, str], partial: str = "") -> list[str]:
-    """Suggestions with the other variant of a preferred pair shown as the user's own (once, in its place),
-    where the own variant fits what is typed: continuation pieces ("ise"/"ize") are shared by unrelated words,
-    so a bias cannot tell the variants apart after a shared first piece ("▁organ"), but a whole word can."""
-    out: list[str] = []
-    for w in suggestions:
-        own = respelling.get(w)
-        w = own if own is not None and own.startswith(partial) else w
-        if w not in out:
-            out.append(w)
-    return out

@@ -308,7 +308,7 @@ def test_locale_fills_in_where_the_users_own_words_say_nothing():
 
 
 def test_respelling_shows_the_users_own_variant_once():
-    from personalization.spelling import respell
+    from keyboard.words import respell
 
     m = {"color": "colour", "organized": "organised"}
     assert respell(["color", "red", "colour"], m) == ["colour", "red"]

@@ -130,3 +130,21 @@ def test_bundle_ships_a_lexicon_the_engine_keeps_to(tmp_path, tiny_model, tiny_t
     assert all(w in words_ for w in words(engine.suggest("see you tomorrow at the ")))
     engine.suggest("my color is ")  # typed words are learned
     assert "color" in words(engine.suggest("what is your favorite ", k=5))
+
+
+def test_shipped_spelling_preference_shows_the_users_own_variant(tmp_path, tiny_model, tiny_tok):
+    from keyboard.bundle import RESPELL
+
+    out, man = make_bundle(tmp_path, tiny_model, tiny_tok, respellings={BRITISH_USER: {"favorite": "favourite"},
+                                                                          "not-shipped": {"color": "colour"}})
+    assert json.loads((out / RESPELL).read_text()) == {BRITISH_USER: {"favorite": "favourite"}}
+    assert RESPELL in man["files"]
+    engine = load_bundle(out)
+    plain = engine.suggest("what is your f")
+    assert "favorite" in words(plain)
+    engine.set_profile(BRITISH_USER)
+    got = engine.suggest("what is your f")
+    assert "favourite" in words(got) and "favorite" not in words(got)
+    assert "favorite" in words(engine.suggest("what is your favori"))  # typed past the split: the word as typed
+    engine.set_profile(None)
+    assert words(engine.suggest("what is your f")) == words(plain)

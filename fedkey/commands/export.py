@@ -151,8 +151,11 @@ def run(args: argparse.Namespace) -> None:
     out = args.out or run_dir / "export"
     adapters = choose_adapters(run_dir, file_hash(model_dir / MODEL_FILE), args.user, args.per_region)
     lexicon = public_lexicon(run_dir, args.lexicon_min_count)
+    gate_path = run_dir / PERSONAL / GATE
+    gate = read_json(gate_path) if adapters and gate_path.exists() else {}
+    respellings = {u: gate.get(u, {}).get("respell") or {} for u in adapters}
     with bar(not args.no_progress, "exporting fp32 + int8 ONNX", None):
-        man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant), lexicon)
+        man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant), lexicon, respellings)
     fp32_b, int8_b = man["files"][FP32]["bytes"], man["files"][INT8]["bytes"]
     res = {"bundle": str(out), "model": str(model_dir), "fp32_bytes": fp32_b, "int8_bytes": int8_b,
            "int8_ratio": int8_b / fp32_b, "users": {u: r for u, (_, r) in adapters.items()},
