@@ -230,6 +230,13 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
     # and when few words fit, a prefix LEX_MARGIN nats below the best word is not worth a suggestion slot
     reachable = lex.count_prefix(part) if lex is not None else -1
 
+    def children_of(b: int, allowed: np.ndarray, ranked: bool) -> None:
+        # the best `beam` of these pieces after go-row b join this step's children (best first if ranked)
+        lp = logp[b, allowed]
+        o = np.argsort(-lp)[:beam] if ranked else _top(lp, beam)
+        parent.extend([b] * len(o)); cpiece.extend(allowed[o].tolist())
+        cscore.extend((gscore[b] + lp[o].astype(np.float64)).tolist())
+
     for _ in range(beam * max_pieces):  # a bound; the frontier empties long before
         if not piece:
             break
@@ -271,10 +278,7 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
             for b in free:
                 allowed = lex.pieces_after(table, "cont", gsurf[b])
                 if len(allowed):
-                    lp = logp[b, allowed]
-                    o = _top(lp, beam)
-                    parent.extend([b] * len(o)); cpiece.extend(allowed[o].tolist())
-                    cscore.extend((gscore[b] + lp[o].astype(np.float64)).tolist())
+                    children_of(b, allowed, ranked=False)
         elif free:
             sub = logp[free].take(table.cont, axis=1)
             top = _top_per_row(sub, beam)
@@ -286,12 +290,8 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
             if gdepth[b] + 1 < max_pieces and len(gsurf[b]) < lp_part:
                 rest = part[len(gsurf[b]):]
                 allowed = table.compatible("cont", rest) if lex is None else lex.pieces_fitting(table, "cont", gsurf[b], rest)
-                if len(allowed) == 0:
-                    continue
-                lp = logp[b, allowed]
-                o = np.argsort(-lp)[:beam]
-                parent.extend([b] * len(o)); cpiece.extend(allowed[o].tolist())
-                cscore.extend((gscore[b] + lp[o].astype(np.float64)).tolist())
+                if len(allowed):
+                    children_of(b, allowed, ranked=True)
         keep = [j for j, s in enumerate(cscore) if s >= thresh and s != -np.inf]
         kept_parent = [parent[j] for j in keep]
         # the new frontier: prefixes still waiting plus the children just made
@@ -302,4 +302,3 @@ def _search_one(backend: StepBackend, table: PieceTable, logp0: np.ndarray, h0: 
         depth = [depth[i] for i in wait] + [gdepth[p] + 1 for p in kept_parent]
         surf = [surf[i] for i in wait] + [gsurf[parent[j]] + surface[cpiece[j]] for j in keep]
     return sorted(done.items(), key=lambda kv: -kv[1])[:k], done
-

@@ -179,8 +179,7 @@ class Lexicon:
                 if got is None or self._table is None:
                     continue
                 new = self._table.pieces_with(kind, surfaces)
-                at = np.minimum(np.searchsorted(got, new), max(len(got) - 1, 0))
-                if len(new) and (len(got) == 0 or (got[at] != new).any()):  # usually every piece is there already
+                if len(_sorted_common(new, got)) < len(new):  # usually every piece is there already
                     self._after[(kind, word[:n])] = np.union1d(got, new)
 
     def __len__(self) -> int:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from keyboard.batches import pad_batch
 from keyboard.model import KeyboardLM
+from keyboard.tokenizer import PAD
 from personalization.batched import user_seed
 from personalization.config import PersonalConfig
 from personalization.data import UserData
@@ -45,16 +47,8 @@ class FinetuneResult:
 
 def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs, targets and the mask of real targets for framed messages."""
-    T = max(len(s) for s in seqs) - 1
-    x = torch.zeros(len(seqs), T, dtype=torch.long)
-    y = torch.zeros(len(seqs), T, dtype=torch.long)
-    m = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        n = len(s) - 1
-        x[i, :n] = torch.tensor(s[:-1])
-        y[i, :n] = torch.tensor(s[1:])
-        m[i, :n] = True
-    return x, y, m
+    x, y = pad_batch(seqs)
+    return x, y, y != PAD
 
 
 def _val_figures(model: KeyboardLM, val: tuple, starts: torch.Tensor, cont: torch.Tensor) -> tuple[float, int, int]:

@@ -48,13 +48,17 @@ def default_model(run_dir: Path) -> Path:
     return run_dir / "central"
 
 
-def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_region: int) -> dict[str, tuple[Path, str]]:
-    """user -> (adapter file, region) to ship: the named users, or a few per region whose gate chose the adapter."""
+def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_region: int,
+                    gate: dict | None = None) -> dict[str, tuple[Path, str]]:
+    """user -> (adapter file, region) to ship: the named users, or a few per region whose gate chose the adapter.
+
+    `gate`: gate.json already read (it holds every user's spelling map: megabytes on a large run)."""
     from keyboard.adapter_file import load_adapter
+    from personalization.store import read_gate
 
     adir = run_dir / PERSONAL / ADAPTERS
     gate_path = run_dir / PERSONAL / GATE
-    gate = read_json(gate_path) if gate_path.exists() else {}
+    gate = read_gate(run_dir) if gate is None else gate
     region_of = _regions(run_dir)
     if users:
         out = {}
@@ -142,6 +146,7 @@ def run(args: argparse.Namespace) -> None:
     from keyboard.evaluate import Message
     from keyboard.export import QuantSettings, build_bundle, measure_parity
     from keyboard.onnx_backend import OnnxBackend, make_session
+    from personalization.store import read_gate
 
     run_dir: Path = args.run_dir
     model_dir = args.model or default_model(run_dir)
@@ -149,10 +154,9 @@ def run(args: argparse.Namespace) -> None:
         raise FedkeyError(f"{model_dir / MODEL_FILE}: no model; train one (`fedkey train-central --run-dir {run_dir}`) "
                           "or pass --model")
     out = args.out or run_dir / "export"
-    adapters = choose_adapters(run_dir, file_hash(model_dir / MODEL_FILE), args.user, args.per_region)
+    gate = read_gate(run_dir)
+    adapters = choose_adapters(run_dir, file_hash(model_dir / MODEL_FILE), args.user, args.per_region, gate)
     lexicon = public_lexicon(run_dir, args.lexicon_min_count)
-    gate_path = run_dir / PERSONAL / GATE
-    gate = read_json(gate_path) if adapters and gate_path.exists() else {}
     respellings = {u: gate.get(u, {}).get("respell") or {} for u in adapters}
     with bar(not args.no_progress, "exporting fp32 + int8 ONNX", None):
         man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant), lexicon, respellings)
