@@ -130,6 +130,12 @@ class Shards:
         # Slicing the Arrow column reads only this user's rows from the memory map.
         return self.dataset(split).data.column("text").slice(start, end - start).to_pylist()
 
+    def n_messages(self, split: str, user: str) -> int:
+        """How many messages the user has in `split` (0 if none), without reading them."""
+        self._check_split(split)
+        rows = self._info(user)["rows"].get(split)
+        return 0 if rows is None else rows[1] - rows[0]
+
     def region(self, user: str) -> str:
         """The user's region: "US" or "GB"."""
         return self._info(user)["region"]

@@ -85,6 +85,10 @@ class KeyboardTask:
         seqs = [frame(ids, self.max_len) for ids in self.tok.encode_batch(texts)] if texts else []
         return batches_of(seqs, self.batch_size, self.epochs, rng)
 
+    def client_size(self, client: str) -> int:
+        """How many messages the user holds (the server may know this; it never sees them)."""
+        return self.shards.n_messages(self.split, client)
+
     def loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Mean next-piece cross-entropy of one batch (packed rows, no padding computed)."""
         return lane_lm_loss({n: p.unsqueeze(0) for n, p in params.items()}, [batch])[0]

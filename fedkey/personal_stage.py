@@ -135,20 +135,23 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         with bar(progress, "evaluating global vs personalized", len(msgs), unit="msg") as update:
             glob, pers = evaluate_users(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words,
                                         progress=lambda d, n: update(d, ""))
-        # an extra, clearly separate figure: the same positions once the variants' shared prefix is typed
-        (reg_g, reg_p), (pre_g, pre_p) = regional_accuracy(base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words,
-                                                           typed_prefix=True)
+        # extra, clearly separate figures: the same positions once the variants' shared prefix is typed, and
+        # at the first keystroke where the keyboard offers either variant
+        (reg_g, reg_p), (pre_g, pre_p), (off_g, off_p) = regional_accuracy(
+            base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words, typed_prefix=True)
         gains = top1_gains(glob, pers)
         ch = count_changes(gains, rep["region_of"])
         rep.update({"global": glob, "personalized": pers, "improved": ch["improved"], "hurt": ch["hurt"],
                     "unchanged": ch["unchanged"], "changes": ch, "split": "test",
                     "regional_all_positions": {"global": reg_g, "personalized": reg_p},
                     "regional_after_shared_prefix": {"global": pre_g, "personalized": pre_p},
+                    "regional_as_typed": {"global": off_g, "personalized": off_p},
                     # where the own variant stood at each regional word, by region and pair (apart: the two
                     # tables above hold only accuracies)
                     "regional_outcomes": {form: {m: t.pop("outcomes_by_pair") for m, t in (("global", g), ("personalized", p))}
                                           for form, g, p in (("nothing_typed", reg_g, reg_p),
-                                                             ("shared_prefix_typed", pre_g, pre_p))},
+                                                             ("shared_prefix_typed", pre_g, pre_p),
+                                                             ("first_offer_as_typed", off_g, off_p))},
                     "top1_gain_per_user": gains})
         rep["seconds"]["evaluate"] = time.perf_counter() - t1
         if gains:

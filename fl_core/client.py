@@ -5,6 +5,7 @@ A task (the only thing that knows what the data is) implements `ClientTask`:
     client_data(client, rng) -> ClientData    # this round's local batches (E epochs), example/token counts
     loss(params, batch) -> scalar             # mean loss of one batch under a {name: tensor} parameter dict
     lane_loss(params, batches) -> (L,)        # the same for L clients at once: params {name: (L, *shape)}
+    client_size(client) -> int                # optional: examples the client holds (size-weighted selection)
 
 `client_update` trains one client (SGD with per-step clipping, from the global parameters)
 and is what a Flower ClientApp calls; `fl_core.executors.run_clients` trains a round's

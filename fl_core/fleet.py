@@ -40,8 +40,11 @@ class RoundPlan:
 class Fleet:
     """Per-device traits drawn once from the seed; `eligible(t)` and `plan(...)` per round."""
 
-    def __init__(self, n: int, cfg: FleetConfig, seed: int, tz_hours: np.ndarray | None = None) -> None:
+    def __init__(self, n: int, cfg: FleetConfig, seed: int, tz_hours: np.ndarray | None = None,
+                 weights: np.ndarray | None = None) -> None:
         self.n, self.cfg, self.seed = n, cfg, seed
+        # selection odds per device (None: uniform); see FLConfig.client_sampling
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         rng = np.random.default_rng([seed, 7001])
         self.tz = np.asarray(tz_hours, dtype=np.float64) if tz_hours is not None else rng.uniform(-12, 12, n)
         self.night_start = (22.5 + 1.5 * rng.standard_normal(n)) % 24
@@ -62,11 +65,18 @@ class Fleet:
         return np.flatnonzero(night | plugged)
 
     def select(self, round_: int, t_s: float, n_target: int) -> tuple[int, list[int]]:
-        """(number eligible, the over-selected cohort): ceil(overselect * N) eligible devices at random."""
+        """(number eligible, the over-selected cohort): ceil(overselect * N) eligible devices at random.
+
+        With `weights`, eligible devices are drawn without replacement with odds proportional to them.
+        """
         pool = self.eligible(t_s)
         want = min(len(pool), math.ceil(self.cfg.overselect * n_target))
         rng = np.random.default_rng([self.seed, 7003, round_])
-        return len(pool), sorted(rng.choice(pool, size=want, replace=False).tolist())
+        p = None
+        if self.weights is not None and len(pool):
+            w = self.weights[pool]
+            p = w / w.sum()
+        return len(pool), sorted(rng.choice(pool, size=want, replace=False, p=p).tolist())
 
     def plan(self, round_: int, eligible: int, selected: list[int], work_tokens: list[int], n_target: int,
              down_bytes: int, up_bytes: int) -> RoundPlan:

@@ -90,13 +90,22 @@ class Simulation:
         self.out_dir = Path(self.out_dir)
         if not self.population:
             raise FedkeyError("federated training needs at least one client")
-        self.fleet = Fleet(len(self.population), self.fleet_cfg, self.cfg.seed, self.tz_hours)
+        self.fleet = Fleet(len(self.population), self.fleet_cfg, self.cfg.seed, self.tz_hours, self.selection_weights())
         self.codec = Codec(self.cfg.compress, self.spec, self.cfg.topk_frac)
         self.store = ClientStore(self.cfg.client_store, self.out_dir / "client_state")
         self.aggregator = self.aggregator or WeightedMean(self.spec.n_shared)
         self.init_local = self.init_params[self.spec.n_shared:].clone()
         self.state = server_init(self.init_params[:self.spec.n_shared], self.cfg)
         self.tokens, self.clock_s, self.up_total, self.down_total = 0, 0.0, 0, 0
+
+    def selection_weights(self) -> np.ndarray | None:
+        """Per-client selection odds: None (uniform), or max(messages, cap) so a client's every message is equally likely to be trained."""
+        if self.cfg.client_sampling == "uniform":
+            return None
+        size = getattr(self.task, "client_size", None)
+        if size is None:
+            raise FedkeyError("client_sampling 'size' needs a task that tells each client's size; use uniform")
+        return np.maximum(np.array([size(c) for c in self.population], dtype=np.float64), self.cfg.max_messages)
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:

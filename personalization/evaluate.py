@@ -135,7 +135,7 @@ def shared_prefix(word: str, variant_of: dict[str, tuple[str, str]]) -> int:
 
 def _regional_plan(messages: list[Message], tok: Tokenizer, table: PieceTable, regional: dict, typed_prefix: bool):
     """Every message with a regional-pair word (no sampling) and a query at each such word; with `typed_prefix`,
-    also once the variants' shared prefix has been typed. Returns what keyboard.evaluate.plan returns."""
+    also at each later keystroke of the word. Returns what keyboard.evaluate.plan returns."""
     ids = tok.encode_batch([m.text for m in messages])
     parsed: dict[int, tuple] = {}
     for i in range(len(messages)):
@@ -149,9 +149,8 @@ def _regional_plan(messages: list[Message], tok: Tokenizer, table: PieceTable, r
     for i in sorted(parsed):
         for w, (_, word, _, _) in enumerate(parsed[i][0]):
             if w > 0 and word in regional:
-                by_msg[i].append(_Query(i, w, 0))
-                if typed_prefix and shared_prefix(word, regional):
-                    by_msg[i].append(_Query(i, w, shared_prefix(word, regional)))
+                # with typed_prefix: at every keystroke of the word, as the KSR simulation types it
+                by_msg[i] += [_Query(i, w, k) for k in range(len(word) + 1 if typed_prefix else 1)]
     return ids, parsed, sorted(parsed), set(), by_msg
 
 
@@ -189,27 +188,42 @@ def regional_accuracy(
     train_words: dict[str, set[str]] | None = None,
     progress: Callable[[int, int], None] | None = None,
     typed_prefix: bool = False,
-) -> list[dict] | tuple[list[dict], list[dict]]:
+) -> list[dict] | tuple[list[dict], list[dict], list[dict]]:
     """Regional-variant accuracy over every regional-pair word of the messages (no sampling), per bank.
 
     Few words are regional pairs, so a sampled evaluation sees too few of them to tell 85% from 95%.
     DESIGN.md's figure asks with nothing of the word typed; `typed_prefix` also asks, in the same pass,
-    once the prefix both variants share is typed ("favo", "colo"), where the spelling choice itself is
-    measured, and returns (nothing typed, prefix typed).
+    at every keystroke of the word, and returns (nothing typed, prefix typed, as typed):
+    "prefix typed" judges the suggestions once the prefix both variants share is typed ("favo", "colo");
+    "as typed" judges them at the first keystroke where either variant is among the 3 suggestions (the
+    moment the keyboard offers the word, and in which spelling), a miss if neither ever is.
     """
     base.eval()
     table = PieceTable.from_tokenizer(tok)
     variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
     ids, parsed, chosen, _, by_msg = _regional_plan(messages, tok, table, variant_of, typed_prefix)
     results, _ = _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress)
-    plain = [_regional_tally(messages, parsed, chosen, variant_of, train_words, res, None) for res in results]
+    def tally(judge: Callable) -> list[dict]:
+        return [_regional_tally(messages, parsed, chosen, variant_of, train_words, res, judge) for res in results]
+
+    plain = tally(lambda res, key, word, own, other: res[key + (0,)])
     if not typed_prefix:
         return plain
-    return plain, [_regional_tally(messages, parsed, chosen, variant_of, train_words, res, variant_of) for res in results]
+    return (plain, tally(lambda res, key, word, own, other: res[key + (shared_prefix(word, variant_of),)]),
+            tally(_first_offer))
 
 
-def _regional_tally(messages, parsed, chosen, variant_of, train_words, res, prefix_of) -> dict:
-    """Hits by region / typed-in-train / user, with nothing typed or (prefix_of given) the shared prefix typed."""
+def _first_offer(res: dict, key: tuple, word: str, own: str, other: str) -> list[str]:
+    """The suggestions at the first keystroke of `word` where either variant is among the top 3 ([] if never)."""
+    for k in range(len(word)):
+        sugg = res[key + (k,)]
+        if own in sugg[:3] or other in sugg[:3]:
+            return sugg
+    return []
+
+
+def _regional_tally(messages, parsed, chosen, variant_of, train_words, res, judge) -> dict:
+    """Hits by region / typed-in-train / user, of the suggestions `judge` picks at each regional word."""
     tally: dict = defaultdict(lambda: [0, 0])
     outcomes: dict = defaultdict(lambda: defaultdict(Counter))  # region -> pair -> outcome -> positions
     for i in chosen:
@@ -219,7 +233,7 @@ def _regional_tally(messages, parsed, chosen, variant_of, train_words, res, pref
                 continue
             us, gb = variant_of[word]
             own, other = (gb, us) if m.region == "GB" else (us, gb)
-            sugg = res[(i, w, shared_prefix(word, prefix_of) if prefix_of else 0)]
+            sugg = judge(res, (i, w), word, own, other)
             hit = regional_hit(own, other, sugg)
             typed = train_words is not None and own in train_words.get(m.user, ())
             for key in (m.region, f"{m.region}/{'typed' if typed else 'never_typed'}", f"user/{m.user}"):

@@ -86,17 +86,21 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
 
     reg = rep.get("regional_all_positions")
     if reg:
-        pre = rep.get("regional_after_shared_prefix") or {"global": {}, "personalized": {}}
-        t = Table(title="regional-variant accuracy over every regional-pair word of the test split "
-                        "(DESIGN.md: nothing typed; extra: once the variants' shared prefix, e.g. \"favo\", is typed)")
+        empty = {"global": {}, "personalized": {}}
+        pre = rep.get("regional_after_shared_prefix") or empty
+        off = rep.get("regional_as_typed") or empty
+        t = Table(title="regional-variant accuracy over every regional-pair word of the test split: own variant in "
+                        "the top 3 and above the other (DESIGN.md: with nothing typed; also once the variants' shared "
+                        "prefix, e.g. \"favo\", is typed; and as typed: at the first keystroke that offers either variant)")
         for col in ("users", "own variant typed in train?", "global", "personalized", "global, prefix typed",
-                    "personalized, prefix typed", "positions"):
+                    "personalized, prefix typed", "global, as typed", "personalized, as typed", "positions"):
             t.add_column(col, justify="left" if col in ("users", "own variant typed in train?") else "right")
         for key in sorted(k for k in reg["global"] if k != "per_user"):
             region, _, sub = key.partition("/")
             t.add_row(region, {"": "all", "typed": "yes", "never_typed": "no"}[sub], _pct(reg["global"][key]["acc"]),
-                      _pct(reg["personalized"].get(key, {}).get("acc")), _pct(pre["global"].get(key, {}).get("acc")),
-                      _pct(pre["personalized"].get(key, {}).get("acc")), str(reg["global"][key]["n"]))
+                      _pct(reg["personalized"].get(key, {}).get("acc")),
+                      *[_pct(v[m].get(key, {}).get("acc")) for v in (pre, off) for m in ("global", "personalized")],
+                      str(reg["global"][key]["n"]))
         console.print(t)
 
     gains = rep["top1_gain_per_user"]

@@ -77,3 +77,14 @@ def test_bad_fleet_settings_are_one_line_errors():
         FleetConfig(overselect=0.5)
     with pytest.raises(FedkeyError, match="dropout"):
         FleetConfig(dropout=1.0)
+
+
+def test_size_weighted_selection_follows_the_weights_and_is_seeded():
+    cfg = FleetConfig(availability=False, overselect=1.0)
+    weights = np.where(np.arange(200) < 20, 9.0, 1.0)  # a tenth of the devices hold half the weight
+    heavy = [sum(i < 20 for i in Fleet(200, cfg, seed=0, weights=weights).select(r, 0.0, 10)[1]) for r in range(300)]
+    light = [sum(i < 20 for i in Fleet(200, cfg, seed=0).select(r, 0.0, 10)[1]) for r in range(300)]
+    assert 3.5 < np.mean(heavy) < 5.0 and 0.6 < np.mean(light) < 1.4  # without replacement: a little under 5 and 1
+    a = Fleet(200, cfg, seed=3, weights=weights).select(7, 0.0, 10)
+    assert a == Fleet(200, cfg, seed=3, weights=weights).select(7, 0.0, 10)
+    assert len(set(a[1])) == 10

@@ -37,6 +37,9 @@ class KilledAt:
     def client_data(self, client, rng):
         return self.task.client_data(client, rng)
 
+    def client_size(self, client):
+        return self.task.client_size(client)
+
     def loss(self, params, batch):
         self.calls += 1
         if self.calls == self.at:
@@ -185,3 +188,13 @@ def test_int8_uplink_bytes_and_sit_out(tiny_run, tmp_path):
     quiet.run()
     assert all(h["sat_out"] == h["completed"] and h["up_bytes"] == 0 and h["skipped"] for h in quiet.history)
     assert torch.equal(quiet.state.params, before)
+
+
+def test_size_sampling_weighs_clients_by_their_messages_beyond_the_cap(tiny_run, tmp_path):
+    sim = make_sim(tiny_run, tmp_path / "s", fl_cfg(client_sampling="size", max_messages=8))
+    sizes = np.array([sim.task.shards.n_messages("train", u) for u in sim.population])
+    assert sizes.max() > 8 and sizes.min() < 8  # the tiny corpus has clients on both sides of the cap
+    np.testing.assert_array_equal(sim.fleet.weights, np.maximum(sizes, 8))
+    assert make_sim(tiny_run, tmp_path / "u", fl_cfg(client_sampling="uniform")).fleet.weights is None
+    with pytest.raises(FedkeyError, match="client_sampling"):
+        fl_cfg(client_sampling="biggest")

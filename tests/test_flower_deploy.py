@@ -77,7 +77,8 @@ def node_of_most_users(job: Job, round_index: int) -> tuple[int, int]:
     from fl_core.fleet import Fleet
 
     users = P.load_prepared(job.run_dir)[0].users("train")
-    _, cohort = Fleet(len(users), job.fleet, job.fl.seed).select(round_index, 0.0, job.fl.clients_per_round)
+    weights = build_simulation(job)[0].fleet.weights
+    _, cohort = Fleet(len(users), job.fleet, job.fl.seed, weights=weights).select(round_index, 0.0, job.fl.clients_per_round)
     held = [set(node_users({"partition-id": i, "num-partitions": NODES}, users)) for i in range(NODES)]
     counts = [sum(users[c] in h for c in cohort) for h in held]
     return int(np.argmax(counts)), max(counts)

@@ -241,11 +241,24 @@ def test_regional_accuracy_after_the_shared_prefix(fed_model, tiny_tok, brit):
     msgs = [Message("brit", "GB", t) for t in BRITISH] + [Message("yank", "US", "i like the color blue")]
     banks = [AdapterBank(fed_model, {}), AdapterBank(fed_model, {"brit": UserResult_arrays(brit)})]
     cfg = EvalConfig()
-    (plain_g, plain_p), (pre_g, pre_p) = regional_accuracy(fed_model, banks, tiny_tok, msgs, cfg, PAIRS, typed_prefix=True)
+    (plain_g, plain_p), (pre_g, pre_p), (off_g, off_p) = regional_accuracy(fed_model, banks, tiny_tok, msgs, cfg,
+                                                                           PAIRS, typed_prefix=True)
     assert [plain_g, plain_p] == regional_accuracy(fed_model, banks, tiny_tok, msgs, cfg, PAIRS)  # one pass, same figures
     # 2 colour positions and one favourite ("favo" typed); the adapter at least fixes the colours
     assert pre_g["GB"]["n"] == 3 and pre_g["GB"]["acc"] < pre_p["GB"]["acc"] and pre_p["GB"]["acc"] >= 2 / 3
     assert pre_g["US"]["acc"] == pre_p["US"]["acc"] == 1.0  # no adapter for the American user
+    # as typed: the global model offers "color" first, the personalized one "colour"
+    assert off_g["GB"]["n"] == 3 and off_g["GB"]["acc"] < off_p["GB"]["acc"] and off_p["GB"]["acc"] >= 2 / 3
+
+
+def test_first_offer_judges_the_first_keystroke_showing_either_variant():
+    from personalization.evaluate import _first_offer
+
+    res = {(0, 1, 0): ["the", "a", "my"], (0, 1, 1): ["colour", "cold", "color"], (0, 1, 2): ["color", "colour"]}
+    assert _first_offer(res, (0, 1), "colour", "colour", "color") == ["colour", "cold", "color"]
+    res[(0, 1, 1)] = ["cold", "call", "cool"]
+    assert _first_offer(res, (0, 1), "co", "colour", "color") == []  # never offered before the word was typed
+    assert _first_offer(res, (0, 1), "col", "colour", "color") == ["color", "colour"]
 
 
 WEATHER = "i like the weather"  # the federation says "i like the color": this user's own phrase differs

@@ -142,7 +142,9 @@ class RoundDriver:
     sim: Simulation
 
     def __post_init__(self) -> None:
-        self.fleet = LiveFleet(len(self.sim.population), self.job.fleet, self.job.fl.seed)
+        # the same selection odds as in-process (client_sampling), so a deployment reproduces its cohorts
+        self.fleet = LiveFleet(len(self.sim.population), self.job.fleet, self.job.fl.seed,
+                               weights=self.sim.fleet.weights)
         self.fleet.live = np.ones(len(self.sim.population), dtype=bool)
         self.benched: dict[int, int] = {}  # node -> first round it may take part in again
 

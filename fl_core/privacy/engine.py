@@ -67,6 +67,8 @@ def attach(sim: Any, cfg: PrivacyConfig) -> PrivateAggregator | None:
     sampling = None
     if cfg.dp:
         sampling = sampling_for(cfg, sim.cfg.clients_per_round, len(sim.population), sim.fleet_cfg)
+        if sampling.kind == "uniform":  # amplification by sampling assumes every user is equally likely
+            sim.fleet.weights = None
         if sampling.kind == "poisson":
             sim.fleet = PoissonFleet(len(sim.population), sim.fleet_cfg, sim.cfg.seed, sim.tz_hours, sampling.q)
     agg = PrivateAggregator(cfg, sim.spec.n_shared, sampling)
