@@ -7,7 +7,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         # the centralized baseline gets the larger share: it is the table the first command exists to print
         "central": {"max_tokens": 1_400_000},
-        # a short budget buys bold server steps (0.03; the 3M-token default is 0.01)
+        # a short budget buys bold server steps (0.03; the 3M-token default is 0.005)
         "fl": {"max_tokens": 300_000, "pretrain_epochs": 0.5, "server_lr": 0.03},
         "eval": {"max_positions": 20_000, "ksr_messages": 300},
         # every user in about two minutes of training: the latest 1k pieces each, a 512-piece shortlist, 20 steps
