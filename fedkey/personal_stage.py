@@ -146,7 +146,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
                     "regional_all_positions": {"global": reg_g, "personalized": reg_p},
                     "regional_after_shared_prefix": {"global": pre_g, "personalized": pre_p},
                     "regional_as_typed": {"global": off_g, "personalized": off_p},
-                    # where the own variant stood at each regional word, by region and pair (apart: the two
+                    # where the own variant stood at each regional word, by region and pair (apart: the three
                     # tables above hold only accuracies)
                     "regional_outcomes": {form: {m: t.pop("outcomes_by_pair") for m, t in (("global", g), ("personalized", p))}
                                           for form, g, p in (("nothing_typed", reg_g, reg_p),

@@ -149,8 +149,10 @@ def _regional_plan(messages: list[Message], tok: Tokenizer, table: PieceTable, r
     for i in sorted(parsed):
         for w, (_, word, _, _) in enumerate(parsed[i][0]):
             if w > 0 and word in regional:
-                # with typed_prefix: at every keystroke of the word, as the KSR simulation types it
-                by_msg[i] += [_Query(i, w, k) for k in range(len(word) + 1 if typed_prefix else 1)]
+                # with typed_prefix: at every keystroke before the word is complete (as the KSR simulation types
+                # it), and at the shared prefix, which is the whole word when it begins its variant ("fulfil")
+                last = max(len(word) - 1, shared_prefix(word, regional)) if typed_prefix else 0
+                by_msg[i] += [_Query(i, w, k) for k in range(last + 1)]
     return ids, parsed, sorted(parsed), set(), by_msg
 
 
@@ -203,6 +205,7 @@ def regional_accuracy(
     variant_of = {**{a: (a, b) for a, b in pairs.items()}, **{b: (a, b) for a, b in pairs.items()}}
     ids, parsed, chosen, _, by_msg = _regional_plan(messages, tok, table, variant_of, typed_prefix)
     results, _ = _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress)
+
     def tally(judge: Callable) -> list[dict]:
         return [_regional_tally(messages, parsed, chosen, variant_of, train_words, res, judge) for res in results]
 
