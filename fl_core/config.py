@@ -34,7 +34,8 @@ class FLConfig:
     client_sampling: str = _f("size", "who is selected: uniform | size (odds proportional to max(messages, "
                                       "max_messages), so each message is trained on about equally often)")
     weighting: str = _f("tokens", "weight of a client's update in the mean: tokens | examples | uniform")
-    client_lr: float = _f(1.0, "client SGD learning rate (cosine decay to 10% over max_tokens)")
+    client_lr: float = _f(1.0, "client SGD learning rate (cosine decay to lr_floor over max_tokens)")
+    lr_floor: float = _f(0.1, "the client and adaptive server learning rates end at this fraction of their start")
     client_clip: float = _f(1.0, "per-step gradient norm clip on the client (0: off)")
     server_opt: str = _f("adam", "server optimizer: sgd (lr 1 = plain FedAvg) | adam | yogi | adagrad")
     # 3M tokens with size selection, top-1 on 50k test positions: lr .03 15.6% (worse than at 1M), .02 15.9%,
@@ -79,6 +80,8 @@ class FLConfig:
                 raise FedkeyError(f"[fl].{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.topk_frac <= 1:
             raise FedkeyError(f"[fl].topk_frac must be in (0, 1], got {self.topk_frac}")
+        if not 0 <= self.lr_floor <= 1:
+            raise FedkeyError(f"[fl].lr_floor must be in [0, 1], got {self.lr_floor}")
 
     def local_patterns(self) -> list[str]:
         """The FedPer local-parameter patterns as a list."""

@@ -48,9 +48,9 @@ RESUMABLE = {"threads", "eval_every", "eval_positions", "workers"}
 
 
 def decay(cfg: FLConfig, tokens: int) -> float:
-    """Cosine decay from 1 to 0.1 over the token budget (the central baseline's schedule)."""
+    """Cosine decay from 1 to cfg.lr_floor over the token budget (the central baseline's schedule)."""
     frac = min(1.0, tokens / max(1, cfg.max_tokens))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def client_lr(cfg: FLConfig, tokens: int) -> float:

@@ -12,7 +12,7 @@ from fedkey.errors import FedkeyError
 from fl_core.aggregate import WeightedMean
 from fl_core.checkpoint import NAME, PREV, read_checkpoint
 from fl_core.params import ParamSpec
-from fl_core.simulation import LOCAL, RESIDUAL, Simulation
+from fl_core.simulation import LOCAL, RESIDUAL, Simulation, client_lr, server_lr
 from tests.test_fl_fixtures import fl_cfg, fleet_cfg, one_torch_thread, tiny_run, tiny_task  # noqa: F401  (fixtures)
 
 
@@ -198,3 +198,15 @@ def test_size_sampling_weighs_clients_by_their_messages_beyond_the_cap(tiny_run,
     assert make_sim(tiny_run, tmp_path / "u", fl_cfg(client_sampling="uniform")).fleet.weights is None
     with pytest.raises(FedkeyError, match="client_sampling"):
         fl_cfg(client_sampling="biggest")
+
+
+def test_learning_rates_follow_a_cosine_from_their_start_to_the_floor():
+    cfg = fl_cfg(max_tokens=1000, lr_floor=0.02, server_opt="adam", server_lr=0.01, client_lr=0.5)
+    assert client_lr(cfg, 0) == pytest.approx(0.5)
+    assert client_lr(cfg, 500) == pytest.approx(0.5 * (0.02 + 0.98 * 0.5))
+    assert client_lr(cfg, 1000) == pytest.approx(0.5 * 0.02) == client_lr(cfg, 5000)
+    assert server_lr(cfg, 7, 1000) == pytest.approx(0.01 * 0.02)
+    # plain SGD's server step already shrinks with the client's, so its lr stays put
+    assert server_lr(fl_cfg(max_tokens=1000, lr_floor=0.02, server_opt="sgd", server_lr=1.0), 7, 1000) == 1.0
+    with pytest.raises(FedkeyError, match="lr_floor"):
+        fl_cfg(lr_floor=1.5)
