@@ -32,8 +32,11 @@ class PersonalConfig:
     regional_respell: bool = _f(True, "spelling preference: a suggested word whose other variant the user prefers "
                                 "is shown in the user's own spelling (whole words: the bias cannot separate "
                                 "variants that share their first piece)")
-    regional_locale: bool = _f(False, "spelling preference: a user whose own words show none (or too little) gets "
-                               "their keyboard locale's variant of every pair (the user's region stands for the locale)")
+    # runs/s5_lr005's model, all 916 users, as typed: GB 85.8% without the locale, 93.2% with it (US 83.2% -> 86.1%),
+    # the same mean top-1 gain and users hurt: a keyboard knows its locale on the device that personalizes
+    regional_locale: bool = _f(True, "spelling preference: a user whose own words show none (or too little) gets "
+                               "their keyboard locale's variant of every pair (the user's region stands for the locale; "
+                               "false: the user's own words only)")
     prior_adapter: float = _f(4.0, "Gaussian prior on the adapter's B: this times its squared norm joins the summed loss")
     cache_order: int = _f(4, "phrase cache: the user's own n-grams of up to this many pieces mixed into the next-piece "
                           "distribution (the classic cache LM; 0: off)")
