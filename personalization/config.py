@@ -54,6 +54,10 @@ class PersonalConfig:
     gate_margin: float = _f(0.03, "keep the adapter only if it lowers validation loss by this fraction")
     gate_top1_gain: int = _f(2, "... and only if it gets at least this many more one-piece validation words right at "
                              "top-1 (a lower loss alone often comes with worse whole-word suggestions)")
+    # runs/s5_lr005's model: 3 users kept a trained adapter on 2 more right of < 20 validation words; one of them
+    # went from 9 of 15 test words right to none
+    gate_min_words: int = _f(20, "... and only if the validation slice has at least this many one-piece words to judge "
+                             "it by (smaller slices still get the spelling preference and phrase cache gates)")
     max_train_tokens: int = _f(2048, "train on at most the latest this many pieces of each user")
     max_val_tokens: int = _f(512, "validate on at most the latest this many pieces of each user")
     max_len: int = _f(64, "longer messages are cut to this many pieces")

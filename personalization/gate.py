@@ -26,6 +26,10 @@ def decide(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
         return False, "no validation slice"
     if r.val_tokens < cfg.min_val_tokens:
         return False, f"validation slice too small ({r.val_tokens} pieces)"
+    n_words = r.extra.get("val_words", 0)
+    if n_words < cfg.gate_min_words:
+        # a couple of words more right out of a dozen is noise, and a trained adapter can cost every word
+        return False, f"validation slice too small to judge ({n_words} one-piece words)"
     if not r.val_personal < r.val_global * (1 - cfg.gate_margin):
         return False, "validation loss did not improve"
     gain = r.extra.get("val_top1_personal", 0) - r.extra.get("val_top1_global", 0)

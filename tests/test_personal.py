@@ -108,6 +108,22 @@ def test_gate_keeps_global_without_useful_data(fed_model, tiny_tok):
     assert not noisy.use_adapter and "did not improve" in noisy.reason or "worse" in noisy.reason
 
 
+def test_gate_needs_enough_validation_words_to_keep_a_trained_adapter():
+    from personalization.gate import decide
+
+    cfg = PersonalConfig()
+    z = np.zeros((16, 8), dtype=np.float32)
+
+    def result(n_words: int) -> UserResult:  # loss down 10%, 2 more words right: what the gate asks for
+        return UserResult("u", "US", z, z.T, np.zeros(50, np.float32), 500, 60, 4.0, 3.6, 10, False, "",
+                          {"val_words": n_words, "val_top1_global": 3, "val_top1_personal": 5})
+
+    assert decide(result(40), cfg) == (True, "validation improved")
+    kept, why = decide(result(11), cfg)
+    assert not kept and why == "validation slice too small to judge (11 one-piece words)"
+    assert decide(result(11), PersonalConfig(gate_min_words=0))[0]
+
+
 def test_validation_is_the_latest_tenth_of_train(tiny_tok):
     cfg = PersonalConfig()
     texts = [f"message number {i}" for i in range(30)]
@@ -348,7 +364,7 @@ def colour_odds(model, tok, context: str = "i like the ") -> float:
 def test_fine_tuning_arms_learn_colour_touch_only_their_layers_and_are_gated(fed_model, tiny_tok):
     from personalization.finetune import LAST_PARAMS, finetune_user
 
-    cfg = PersonalConfig(steps=40, gate_top1_gain=0)  # a validation slice of 8 words: the loss decides
+    cfg = PersonalConfig(steps=40, gate_top1_gain=0, gate_min_words=0)  # a validation slice of 8 words: the loss decides
     cont = torch.zeros(tiny_tok.vocab_size, dtype=torch.bool)
     cont[torch.from_numpy(PieceTable.from_tokenizer(tiny_tok).cont)] = True
     ud = user_data(tiny_tok, "brit", british_texts(), cfg)
