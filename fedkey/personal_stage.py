@@ -172,7 +172,7 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
     from data.british import REGIONAL_PAIRS
     from fedkey.pipeline import load_prepared
     from keyboard.evaluate import evaluate
-    from personalization.cache import load_cache
+    from keyboard.phrase_cache import load_cache
     from personalization.evaluate import AdapterBank, evaluate_users
     from personalization.model import PersonalizedLM
     from personalization.store import cache_path, load_personalized, read_gate

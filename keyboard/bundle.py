@@ -2,8 +2,8 @@
 
 A bundle directory holds model.onnx, model.int8.onnx, tokenizer.model, manifest.json (hashes, shapes,
 quantization settings, source checkpoint, base_id) and, optionally, lexicon.txt (the words suggestions
-come from) and adapters/<user>.npz + profiles.json, with respell.json holding the shipped users' whole-word
-spelling preferences (other variant -> their own).
+come from) and, per shipped user (profiles.json), adapters/<user>.npz and/or caches/<user>.npz (their phrase
+cache), with respell.json holding the shipped users' whole-word spelling preferences (other variant -> their own).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 from fedkey.errors import FedkeyError
 
 FORMAT = "fedkey-bundle/1"
-FP32, INT8, TOKENIZER, MANIFEST, PROFILES, ADAPTERS, LEXICON, RESPELL = (
+FP32, INT8, TOKENIZER, MANIFEST, PROFILES, ADAPTERS, LEXICON, RESPELL, CACHES = (
     "model.onnx", "model.int8.onnx", "tokenizer.model", "manifest.json", "profiles.json", "adapters", "lexicon.txt",
-    "respell.json")
+    "respell.json", "caches")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -29,6 +29,11 @@ def sha256_bytes(data: bytes) -> str:
 def adapter_name(user: str) -> str:
     """Bundle-relative path of a user's adapter."""
     return f"{ADAPTERS}/{user}.npz"
+
+
+def cache_name(user: str) -> str:
+    """Bundle-relative path of a user's phrase cache."""
+    return f"{CACHES}/{user}.npz"
 
 
 @dataclass

@@ -268,12 +268,13 @@ def _opset(path: Path) -> int:
     return next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
 
 
-def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, tuple[Path, str]] | None = None,
+def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, tuple[Path | None, str]] | None = None,
                  settings: QuantSettings | None = None, lexicon: dict | None = None,
-                 respellings: dict[str, dict[str, str]] | None = None) -> dict:
-    """Write a bundle (fp32 and int8 graphs, tokenizer, lexicon, shipped adapters, manifest); returns the manifest.
+                 respellings: dict[str, dict[str, str]] | None = None, caches: dict[str, Path] | None = None) -> dict:
+    """Write a bundle (fp32 and int8 graphs, tokenizer, lexicon, shipped users' files, manifest); returns the manifest.
 
-    `adapters` maps user -> (adapter .npz, region); each is refused unless made for this model.
+    `adapters` maps each shipped user -> (adapter .npz or None for none, region); `caches` maps shipped users
+    to their phrase cache .npz; each file is refused unless made for this model.
     `lexicon` is {"words": [...], "source": str, "min_count": int}: the words the runtime suggests
     (None: no list shipped, suggestions are whatever the pieces spell). `respellings` maps a shipped
     user to their whole-word spelling preference {other variant: own} (personalize's gate.json).
@@ -283,8 +284,9 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
     from fedkey.io import write_json
     from fedkey.stages import file_hash
     from keyboard.adapter_file import load_adapter
-    from keyboard.bundle import (ADAPTERS, FORMAT, FP32, INT8, LEXICON, MANIFEST, PROFILES, RESPELL, TOKENIZER,
-                                 adapter_name, sha256_bytes)
+    from keyboard.bundle import (ADAPTERS, CACHES, FORMAT, FP32, INT8, LEXICON, MANIFEST, PROFILES, RESPELL,
+                                 TOKENIZER, adapter_name, cache_name, sha256_bytes)
+    from keyboard.phrase_cache import load_cache
     from keyboard.words import Lexicon
     from keyboard.checkpoint import MODEL_FILE, load_model
 
@@ -292,8 +294,14 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
     model, tok, ckpt = load_model(model_dir)
     base_id = file_hash(model_dir / MODEL_FILE)
     d, V = model.cfg.embed_dim, model.vocab_size
-    for user, (path, _) in (adapters or {}).items():  # refuse before writing anything
-        load_adapter(path, expect_base_id=base_id, vocab_size=V, embed_dim=d)
+    adapters, caches = adapters or {}, caches or {}
+    for user, (path, _) in adapters.items():  # refuse before writing anything
+        if path is not None:
+            load_adapter(path, expect_base_id=base_id, vocab_size=V, embed_dim=d)
+    for user, path in caches.items():
+        if user not in adapters:
+            raise FedkeyError(f"{path}: phrase cache of {user!r}, who is not a shipped user")
+        load_cache(path, expect_base_id=base_id)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"fedkey.base_id": base_id, "fedkey.tokenizer_sha256": tok.sha256, "fedkey.vocab_size": V}
     export_fp32(model, out / FP32, meta)
@@ -308,17 +316,22 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
         lex_info = {"words": len(lex), "source": lexicon["source"], "min_count": lexicon["min_count"]}
     elif (out / LEXICON).exists():
         (out / LEXICON).unlink()
-    if (out / ADAPTERS).is_dir():  # adapters of an earlier export with other users
-        for old in (out / ADAPTERS).glob("*.npz"):
+    for folder in (ADAPTERS, CACHES):  # users' files of an earlier export with other users
+        for old in (out / folder).glob("*.npz") if (out / folder).is_dir() else ():
             old.unlink()
-    for user, (path, _) in (adapters or {}).items():
-        atomic_write_bytes(out / adapter_name(user), Path(path).read_bytes())
+    for user, (path, _) in sorted(adapters.items()):
+        if path is not None:
+            atomic_write_bytes(out / adapter_name(user), Path(path).read_bytes())
+            names.append(adapter_name(user))
+    for user, path in sorted(caches.items()):
+        atomic_write_bytes(out / cache_name(user), Path(path).read_bytes())
+        names.append(cache_name(user))
     if adapters:
         write_json(out / PROFILES, {u: r for u, (_, r) in sorted(adapters.items())})
-        names += [PROFILES] + [adapter_name(u) for u in sorted(adapters)]
+        names.append(PROFILES)
     elif (out / PROFILES).exists():
         (out / PROFILES).unlink()
-    shipped = {u: dict(sorted(m.items())) for u, m in sorted((respellings or {}).items()) if m and u in (adapters or {})}
+    shipped = {u: dict(sorted(m.items())) for u, m in sorted((respellings or {}).items()) if m and u in adapters}
     if shipped:
         write_json(out / RESPELL, shipped)
         names.append(RESPELL)
@@ -334,7 +347,10 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
         "tokenizer_sha256": tok.sha256, "vocab_size": V, "embed_dim": d, "hidden": model.cfg.hidden,
         "params": model.describe()["params"], "opset": {name: _opset(out / name) for name in (FP32, INT8)},
         "graph": {"inputs": list(INPUTS), "outputs": list(OUTPUTS), "dynamic": ["rows", "rank"],
-                  "adapter": "f' = f + (f @ A) @ B; logits = f' @ E^T + out_bias + user_bias (zeros: global model)"},
+                  "adapter": "f' = f + (f @ A) @ B; logits = f' @ E^T + out_bias + user_bias (zeros: global model)",
+                  "phrase_cache": "caches/<user>.npz: the user's (context, next piece) counts; p <- (1 - l) p + "
+                                  "l * count / total after each matched context, shortest first, "
+                                  "l = lam * total / (total + m0) (keyboard.phrase_cache)"},
         "quantization": quant,
         "lexicon": lex_info,
         "export_check": {"fp32_max_abs_logp_diff": max_abs_diff(model, out / FP32),

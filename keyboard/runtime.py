@@ -1,7 +1,8 @@
 """The on-device suggestion engine: an exported bundle, onnxruntime and the shared Predictor; no torch.
 
 `load_bundle(dir, user)` gives an `OnDevicePredictor` with the Predictor's interface (`suggest`)
-plus profile switching between the global model and the users' adapters shipped in the bundle.
+plus profile switching between the global model and the users shipped in the bundle (adapter, phrase
+cache, spelling), and `learn(message)`: a sent message joins the profile's phrase cache.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 
 from fedkey.errors import FedkeyError
 from keyboard.adapter_file import load_adapter
-from keyboard.bundle import FP32, INT8, LEXICON, RESPELL, TOKENIZER, Bundle, adapter_name, open_bundle
+from keyboard.bundle import FP32, INT8, LEXICON, RESPELL, TOKENIZER, Bundle, adapter_name, cache_name, open_bundle
 from keyboard.onnx_backend import OnnxBackend, StepCache, make_session
+from keyboard.phrase_cache import PhraseCache, PhraseCacheBackend, load_cache
 from keyboard.predictor import Predictor, Suggestion
 from keyboard.search import LEX_MARGIN, search_words
-from keyboard.tokenizer import Tokenizer
+from keyboard.tokenizer import BOS, EOS, Tokenizer
 from keyboard.words import WORD_RE, Lexicon, PieceTable, respell_scored, split_typed
 
 MAX_K = 16
@@ -105,14 +107,19 @@ class OnDevicePredictor:
         self.load_ms = 0.0
         self._profile: str | None = None
         self._respell: dict[str, str] = {}  # the profile's whole-word spelling preference: other variant -> own
+        self._phrases: PhraseCache | None = None  # the profile's phrase cache (None: the profile has none)
+        self._phrases_of: dict[str, PhraseCache] = {}  # loaded caches, with what each learned, across profile switches
         self._reset()
 
     def _reset(self) -> None:
         # cached log-probabilities depend on the adapter, so a profile switch starts fresh caches;
         # the words learned while typing belong to the profile too
         self.steps = StepCache(self.backend, capacity=128 if self.cache else 0)
-        lexicon = self.lexicon.fresh() if self.lexicon is not None else None
-        self.predictor = WordCachePredictor(self.steps, self.table, self.tokenizer.encode, beam=self.beam,
+        self._new_predictor(self.lexicon.fresh() if self.lexicon is not None else None)
+
+    def _new_predictor(self, lexicon: Lexicon | None) -> None:
+        steps = self.steps if self._phrases is None else PhraseCacheBackend(self.steps, self._phrases)
+        self.predictor = WordCachePredictor(steps, self.table, self.tokenizer.encode, beam=self.beam,
                                             max_pieces=self.max_pieces, reuse_words=self.cache, lexicon=lexicon)
 
     @property
@@ -133,11 +140,19 @@ class OnDevicePredictor:
                 shipped = ", ".join(sorted(self.bundle.profiles)) or "none"
                 raise FedkeyError(f"user {user_id!r}: no adapter in {self.bundle.dir} (shipped: {shipped}); "
                                   "export with `fedkey export --user ID`")
-            name = adapter_name(user_id)
-            self.bundle.read(name)  # verified against the manifest before use
-            ad = load_adapter(self.bundle.dir / name, expect_base_id=self.bundle.manifest["base_id"],
-                              vocab_size=self.backend.vocab_size, embed_dim=self.backend.embed_dim)
-            self.backend.set_adapter(ad.A, ad.B, ad.user_bias)
+            name, files = adapter_name(user_id), self.bundle.manifest["files"]
+            if name in files:
+                self.bundle.read(name)  # verified against the manifest before use
+                ad = load_adapter(self.bundle.dir / name, expect_base_id=self.bundle.manifest["base_id"],
+                                  vocab_size=self.backend.vocab_size, embed_dim=self.backend.embed_dim)
+                self.backend.set_adapter(ad.A, ad.B, ad.user_bias)
+            else:  # a user shipped for their phrase cache alone
+                self.backend.clear_adapter()
+        cname = cache_name(user_id) if user_id is not None else None
+        if cname is not None and cname in self.bundle.manifest["files"] and user_id not in self._phrases_of:
+            self._phrases_of[user_id] = load_cache(self.bundle.dir / cname, self.bundle.manifest["base_id"],
+                                                   self.bundle.read(cname))
+        self._phrases = self._phrases_of.get(user_id) if user_id is not None else None
         self._respell = self._respelling(user_id) if user_id is not None else {}
         self._profile = user_id
         self._reset()
@@ -153,6 +168,18 @@ class OnDevicePredictor:
         if not isinstance(got, dict):
             raise FedkeyError(f"{self.bundle.dir / RESPELL}: expected {{user: {{word: word}}}}; re-run `fedkey export`")
         return {str(k): str(v) for k, v in got.items()}
+
+    def learn(self, message: str) -> bool:
+        """Add a sent message to the profile's phrase cache (what a user sends is likely again); returns
+        whether it was learned: the global model and a profile without a phrase cache learn nothing."""
+        if self._phrases is None or not isinstance(message, str) or not message.strip():
+            return False
+        self._phrases.learn([BOS, *self.tokenizer.encode(message), EOS])
+        lexicon = self.predictor.lexicon
+        if lexicon is not None:  # a word the user sent is theirs to be offered, listed or not
+            lexicon.learn(WORD_RE.findall(message))
+        self._new_predictor(lexicon)  # its kept states hold distributions mixed before
+        return True
 
     @property
     def steps_run(self) -> int:

@@ -24,7 +24,7 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD
 from personalization.config import PersonalConfig
 from personalization.data import UserData
-from personalization.cache import PhraseCache, histories, mix_logp
+from keyboard.phrase_cache import PhraseCache, histories, mix_logp
 from personalization.gate import decide, decide_cache, spelling_only_ok
 
 TOPK_CANDIDATES = 8  # base-model candidates per position that vote for the user's shortlist

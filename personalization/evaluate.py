@@ -26,7 +26,7 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import lstm_cell
 from keyboard.words import WORD_RE, PieceTable, normalize, respell
-from personalization.cache import PhraseCache, histories, mix_logp
+from keyboard.phrase_cache import PhraseCache, histories, mix_logp
 
 
 class AdapterBank:

@@ -19,7 +19,7 @@ from keyboard.checkpoint import load_model
 from keyboard.model import KeyboardLM
 from keyboard.tokenizer import Tokenizer
 from personalization.batched import UserResult
-from personalization.cache import save_cache
+from keyboard.phrase_cache import save_cache
 from personalization.model import PersonalizedLM
 
 PERSONAL, ADAPTERS, GATE, REPORT, GAINS_PNG = "personal", "adapters", "gate.json", "report.json", "gains.png"

@@ -281,7 +281,7 @@ WEATHER = "i like the weather"  # the federation says "i like the color": this u
 
 
 def test_phrase_cache_mixes_own_continuations(tiny_tok, tmp_path):
-    from personalization.cache import PhraseCache, histories, load_cache, mix_logp, save_cache
+    from keyboard.phrase_cache import PhraseCache, histories, load_cache, mix_logp, save_cache
 
     seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch([WEATHER] * 5)]
     cache = PhraseCache.build(seqs, order=4, lam=0.5, m0=1.0)
@@ -346,7 +346,7 @@ def test_respelling_shows_the_users_own_variant_once():
 
 
 def test_phrase_cache_cap_keeps_only_the_latest_messages():
-    from personalization.cache import PhraseCache
+    from keyboard.phrase_cache import PhraseCache
 
     old, new = [1, 5, 6, 2], [1, 7, 8, 2]  # framed: BOS ... EOS
     full = PhraseCache.build([old, new], order=3, lam=0.2, m0=5.0)

@@ -400,7 +400,7 @@ SNAPSHOT = """\
 ╰────────────────────────╯╰─────────────────────────╯╰─────────────────────────╯
  same text, global model: ...
  latency ?.? ms/key │ int8 ONNX 0.02 MB │ saved 0/15 keys (0%)
- Tab/F1-F3/click: take a word │ F4: next profile │ Enter: new line │ Esc: quit
+ Tab/F1-F3/click: take a word │ F4: next profile │ Enter: send │ Esc: quit
 """
 
 

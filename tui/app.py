@@ -22,7 +22,7 @@ from tui.suggester import Engine, Prediction, Suggester
 from tui.widgets import CompareLine, StatusLine, SuggestionBar
 
 GLOBAL = ""  # the profile selector's value for the global model (the engine's None)
-HELP = "Tab/F1-F3/click: take a word │ F4: next profile │ Enter: new line │ Esc: quit"
+HELP = "Tab/F1-F3/click: take a word │ F4: next profile │ Enter: send │ Esc: quit"
 
 
 def profile_label(user: str, region: str) -> str:
@@ -87,6 +87,8 @@ class KeyboardApp(App):
         self.latencies: list[float] = []  # every shown prediction's model time, for the session summary
         self._asked: tuple[str, str | None] | None = None
         self._own_edits = 0  # acceptances whose text change is still to arrive: those are not keystrokes
+        self._lines = 1  # the text's line count: Enter at the end of a line sends that line
+        self.learned = 0  # sent lines the profile's phrase cache took
 
     def compose(self) -> ComposeResult:
         options = [("global model", GLOBAL)] + [
@@ -160,7 +162,19 @@ class KeyboardApp(App):
             self._own_edits -= 1
         else:
             self.typing = self.typing.typed()
+        lines = self.text_area.document.line_count
+        row, col = self.text_area.cursor_location
+        if lines > self._lines and row > 0 and col == 0:  # Enter finished the line above: the message is sent
+            self._learn(self.text_area.document.get_line(row - 1), self.profile)
+        self._lines = lines
         self.request()
+
+    @work(thread=True, group="learn")
+    def _learn(self, message: str, profile: str | None) -> None:
+        try:
+            self.learned += self.suggester.learn(message, profile)
+        except FedkeyError as e:
+            self.post_message(self.Failed(str(e)))
 
     def on_text_area_selection_changed(self, event: TextArea.SelectionChanged) -> None:
         self.request()
@@ -201,6 +215,6 @@ class KeyboardApp(App):
         t = self.typing
         return {"model": self.engine.model_name, "model_bytes": self.engine.model_bytes,
                 "profile": self.engine.profile, "keystrokes": t.keystrokes, "accepted": t.accepted,
-                "saved_keystrokes": t.saved, "ksr": t.savings_rate, "predictions": len(lat),
+                "saved_keystrokes": t.saved, "ksr": t.savings_rate, "predictions": len(lat), "learned_lines": self.learned,
                 "latency_p50_ms": statistics.median(lat) if lat else None,
                 "latency_p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None}

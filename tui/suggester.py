@@ -31,6 +31,8 @@ class Engine(Protocol):
 
     def suggest(self, text: str, k: int = 3) -> list[Suggestion]: ...
 
+    def learn(self, message: str) -> bool: ...
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -67,6 +69,13 @@ class Suggester:
     def is_current(self, ticket: int) -> bool:
         """Whether no newer request was made since `ticket`."""
         return ticket == self._latest
+
+    def learn(self, message: str, profile: str | None) -> bool:
+        """Let `profile` learn a sent message (worker thread); whether its phrase cache took it."""
+        with self._lock:
+            if self.engine.profile != profile:
+                self.engine.set_profile(profile)
+            return self.engine.learn(message)
 
     def predict(self, ticket: int, text: str, profile: str | None) -> Prediction | None:
         """The top words for `text` under `profile` (worker thread); None if the request went stale."""

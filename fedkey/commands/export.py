@@ -1,4 +1,4 @@
-"""fedkey export: the on-device bundle (fp32 + int8 ONNX, tokenizer, a few users' adapters) and its parity."""
+"""fedkey export: the on-device bundle (fp32 + int8 ONNX, tokenizer, a few users' adapters and phrase caches) and its parity."""
 
 from __future__ import annotations
 
@@ -63,12 +63,15 @@ def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_re
     if users:
         out = {}
         for u in users:
-            path = adir / f"{u}.npz"
+            path, entry = adir / f"{u}.npz", gate.get(u, {})
+            if entry.get("use_cache") and not entry.get("use_adapter"):
+                out[u] = (None, region_of.get(u) or entry.get("region", "?"))  # their phrase cache alone
+                continue
             if not path.is_file():
                 raise FedkeyError(f"{path}: no adapter for user {u!r}; run `fedkey personalize` (or pick another user)")
-            if gate and not gate.get(u, {}).get("use_adapter", False):
-                raise FedkeyError(f"{gate_path}: the gate kept the global model for user {u!r} (the adapter did not "
-                                  "help on their validation text); ship another user")
+            if gate and not entry.get("use_adapter", False):
+                raise FedkeyError(f"{gate_path}: the gate kept the global model for user {u!r} (neither the adapter "
+                                  "nor the phrase cache helped on their validation text); ship another user")
             ad = load_adapter(path, expect_base_id=base_id)
             out[u] = (path, region_of.get(u) or ad.meta.get("region", "?"))
         return out
@@ -127,6 +130,18 @@ def with_spelling_variants(words: list[str]) -> list[str]:
     return sorted(have | extra)
 
 
+def shipped_caches(run_dir: Path, users: list[str], gate: dict) -> dict[str, Path]:
+    """user -> phrase cache file, for the shipped users whose gate kept their cache."""
+    from personalization.store import cache_path
+
+    out = {u: cache_path(run_dir, u) for u in users if gate.get(u, {}).get("use_cache")}
+    for u, path in out.items():
+        if not path.is_file():
+            raise FedkeyError(f"{path}: missing, though {run_dir / PERSONAL / GATE} kept a phrase cache for {u!r}; "
+                              "re-run `fedkey personalize`")
+    return out
+
+
 def _regions(run_dir: Path) -> dict[str, str]:
     users = run_dir / "data" / "users.json"
     if not users.exists():
@@ -141,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
     """Export, check parity on the test split, print sizes and agreement."""
     from fedkey import pipeline as P
     from fedkey.stages import file_hash
-    from keyboard.bundle import FP32, INT8, MANIFEST
+    from keyboard.bundle import FP32, INT8, MANIFEST, adapter_name, cache_name
     from keyboard.checkpoint import MODEL_FILE, load_model
     from keyboard.evaluate import Message
     from keyboard.export import QuantSettings, build_bundle, measure_parity
@@ -159,10 +174,13 @@ def run(args: argparse.Namespace) -> None:
     lexicon = public_lexicon(run_dir, args.lexicon_min_count)
     respellings = {u: gate.get(u, {}).get("respell") or {} for u in adapters}
     with bar(not args.no_progress, "exporting fp32 + int8 ONNX", None):
-        man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant), lexicon, respellings)
+        man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant), lexicon, respellings,
+                           shipped_caches(run_dir, list(adapters), gate))
     fp32_b, int8_b = man["files"][FP32]["bytes"], man["files"][INT8]["bytes"]
     res = {"bundle": str(out), "model": str(model_dir), "fp32_bytes": fp32_b, "int8_bytes": int8_b,
            "int8_ratio": int8_b / fp32_b, "users": {u: r for u, (_, r) in adapters.items()},
+           "user_files": {u: {n: man["files"][n]["bytes"] for n in (adapter_name(u), cache_name(u)) if n in man["files"]}
+                          for u in adapters},
            "quantization": man["quantization"]["mode"], "lexicon_words": (man["lexicon"] or {}).get("words", 0),
            **man["export_check"]}
     if args.parity_positions > 0 and (run_dir / P.DATA).exists():
@@ -208,5 +226,6 @@ def _table(res: dict):
         t.add_row("top-1 accuracy torch -> int8", f"{100 * res['torch_top1']:.2f}% -> {100 * res['exported_top1']:.2f}%",
                   f"loss <= 0.3 pt {ok(res['top1_loss_points'] <= 0.3)}")
     t.add_row("lexicon (words of public users' text the runtime suggests)", f"{res['lexicon_words']:,} words", "")
-    t.add_row("users' adapters shipped", ", ".join(f"{u} ({r})" for u, r in res["users"].items()) or "none", "")
+    t.add_row("users shipped (adapter + phrase cache)", ", ".join(
+        f"{u} ({r}, {sum(res['user_files'].get(u, {}).values()) / 1e3:.1f} kB)" for u, r in res["users"].items()) or "none", "")
     return t

@@ -9,7 +9,8 @@ distribution is interpolated from the shortest context to the longest:
 
 so an often-seen context moves the prediction more than a once-seen one, and an unseen context leaves the
 model alone. There is no unigram term: a user's frequent words alone did not help (the model knows them).
-NumPy only, so the on-device runtime can apply it without torch.
+NumPy only: the on-device runtime applies it (`PhraseCacheBackend`) and adds each message the user sends
+(`learn`), as a keyboard's personal dictionary does.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from fedkey.errors import FedkeyError
 from fedkey.io import atomic_write_bytes
+from keyboard.tokenizer import BOS
 
 
 @dataclass
@@ -62,6 +64,20 @@ class PhraseCache:
         for ctx, nxt, c in zip(z["cache_ctx"].tolist(), z["cache_next"].tolist(), z["cache_count"].tolist()):
             counts[tuple(p for p in ctx if p >= 0)][nxt] += c
         return cls(int(order), float(lam), float(m0), _table(counts))
+
+    def learn(self, seq: list[int]) -> None:
+        """Add one framed message's (context, next piece) pairs: what the user just sent counts from now on."""
+        n = self.order - 1
+        grown: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+        for t in range(1, len(seq)):
+            for k in range(1, min(n, t) + 1):
+                grown[tuple(seq[t - k:t])][seq[t]] += 1
+        for ctx, add in grown.items():
+            ids, cnt = self.table.get(ctx, (np.zeros(0, np.int64), np.zeros(0)))
+            old = dict(zip(ids.tolist(), cnt.tolist()))
+            for i, c in add.items():
+                old[i] = old.get(i, 0) + c
+            self.table[ctx] = (np.array(list(old), dtype=np.int64), np.array(list(old.values()), dtype=np.float64))
 
     def __len__(self) -> int:
         return sum(len(ids) for ids, _ in self.table.values())
@@ -116,6 +132,34 @@ def mix_logp(logp: np.ndarray, caches: list[PhraseCache | None], histories: np.n
     return out
 
 
+class PhraseCacheBackend:
+    """A StepBackend whose next-piece distributions are mixed with a user's phrase cache.
+
+    Each row's last order-1 pieces ride in extra columns of h (-1: none yet), as the search only reorders
+    rows; the wrapped backend sees its own h. Mixing happens after the wrapped step, so a StepCache below
+    stays valid when the cache learns.
+    """
+
+    def __init__(self, inner, cache: PhraseCache) -> None:
+        self.inner, self.cache, self.n = inner, cache, cache.order - 1
+
+    def _mixed(self, out: tuple[np.ndarray, np.ndarray, np.ndarray], hist: np.ndarray):
+        logp, h, c = out
+        return mix_logp(logp, [self.cache] * len(logp), hist), np.concatenate([h, hist.astype(h.dtype)], axis=1), c
+
+    def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step of the wrapped backend, its distribution mixed with the cache after the rows' histories."""
+        d = h.shape[1] - self.n
+        hist = np.concatenate([h[:, d:], np.asarray(ids, dtype=h.dtype).reshape(-1, 1)], axis=1)[:, 1:]
+        return self._mixed(self.inner.step(ids, np.ascontiguousarray(h[:, :d]), c), hist.astype(np.int64))
+
+    def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """State after the begin-of-message piece, which starts every row's history."""
+        hist = np.full((n, self.n), -1, dtype=np.int64)
+        hist[:, -1] = BOS
+        return self._mixed(self.inner.initial(n), hist)
+
+
 def histories(seqs: list[list[int]], rows: list[tuple[int, int]], n: int) -> np.ndarray:
     """The last n input pieces (through input t, oldest first, -1 padded) of each (message b, input t) row."""
     out = np.full((len(rows), n), -1, dtype=np.int64)
@@ -135,10 +179,11 @@ def save_cache(path: str | Path, cache: PhraseCache, base_id: str, user: str) ->
     return len(buf.getvalue())
 
 
-def load_cache(path: str | Path, expect_base_id: str | None = None) -> PhraseCache:
-    """Read a phrase cache; refuse a corrupt file or one made with another base model's pieces."""
+def load_cache(path: str | Path, expect_base_id: str | None = None, data: bytes | None = None) -> PhraseCache:
+    """Read a phrase cache (from `data` if given, `path` naming it); refuse a corrupt file or one made with
+    another base model's pieces."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode())
             cache = PhraseCache.from_arrays({k: z[k] for k in z.files})
     except Exception as e:  # zip, key and JSON errors all mean the same thing to the user

@@ -1,0 +1,161 @@
+"""How far a user's phrase cache can move top-1 on this corpus: the global model, the cache as shipped,
+the cache learning every message the user sends (as the on-device runtime does), and an oracle.
+
+Every user with test messages; at each one-piece word of their test split (the gate's measure: teacher-
+forced, the next word's first piece is the whole word), is the top-1 piece right under
+- the global model;
+- the global model mixed with the user's cache of their train text (ungated, the shipped weights);
+- the same, the cache learning each test message once it is sent (the runtime's `learn`);
+- an oracle that knows, word by word, whether the model's or the cache's top continuation (at the
+  longest context the cache has seen) is right: a ceiling no mixing weight can pass.
+Reported as each user's gain over the global model (mean over users, users worse by > 0.5 point).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedkey.io import save_figure, write_json
+from fedkey.progress import bar
+from fedkey.tables import console
+
+if TYPE_CHECKING:
+    from personalization.config import PersonalConfig
+
+ARMS = ("cache", "cache_learning", "oracle")
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of this benchmark."""
+    p.add_argument("--model", type=Path, help="global model folder (default: the run's fl/ model, else central/)")
+    p.add_argument("--max-users", type=int, default=0, help="the first N users by id with test messages (0: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--plot", type=Path, help="PNG (default: beside --json, else RUN_DIR/bench/phrase_ceiling.png)")
+
+
+def _right(p: np.ndarray, y: int) -> int:
+    return int(p.argmax() == y)
+
+
+def _cache_top(cache, hist: list[int]) -> int | None:
+    """The most frequent continuation at the longest context of `hist` the cache has seen."""
+    top = None
+    for k in range(1, cache.order):
+        hit = cache.table.get(tuple(hist[-k:])) if len(hist) >= k else None
+        if hit is None:
+            break
+        top = int(hit[0][hit[1].argmax()])
+    return top
+
+
+def user_counts(base, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarray, train: list[list[int]],
+                test: list[list[int]]) -> dict[str, int]:
+    """Right top-1 words of the global model and of each arm over one user's framed test messages."""
+    import torch
+
+    from keyboard.phrase_cache import PhraseCache
+
+    def build() -> PhraseCache:
+        return PhraseCache.build(train, cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
+
+    shipped, learning = build(), build()
+    out = dict.fromkeys(("words", "global", *ARMS), 0)
+    for s in test:
+        with torch.inference_mode():
+            logp = torch.log_softmax(base(torch.tensor([s[:-1]]))[0][0], -1).double().numpy()
+        for t, y in enumerate(s[1:]):
+            if not starts[y] or (t + 2 < len(s) and cont[s[t + 2]]):
+                continue  # not a one-piece word
+            hist, p = s[:t + 1], np.exp(logp[t])
+            out["words"] += 1
+            out["global"] += _right(p, y)
+            out["cache"] += _right(shipped.mix_row(p.copy(), hist), y)
+            out["cache_learning"] += _right(learning.mix_row(p.copy(), hist), y)
+            out["oracle"] += int(p.argmax() == y or _cache_top(shipped, hist) == y)
+        learning.learn(s)  # sent: it counts from the next message on
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    """Count every user's right words under each arm; print, plot and save the gains."""
+    import torch
+
+    from fedkey import config as C
+    from fedkey import pipeline as P
+    from fedkey.personal_stage import TEST_SPLIT, TRAIN_SPLIT
+    from keyboard.batches import frame
+    from keyboard.checkpoint import load_model
+    from keyboard.words import PieceTable
+    from personalization.config import PersonalConfig
+    from personalization.store import default_base
+
+    torch.set_num_threads(max(1, args.threads))
+    cfg = PersonalConfig()
+    model_dir = args.model or default_base(args.run_dir)
+    base, tok, _ = load_model(model_dir)
+    base.eval()
+    table = PieceTable.from_tokenizer(tok)
+    starts = np.zeros(tok.vocab_size, bool)
+    starts[table.start_space] = True
+    cont = np.zeros(tok.vocab_size, bool)
+    cont[table.cont] = True
+    shards, _ = P.load_prepared(args.run_dir)
+    users = [u for u in shards.all_users() if shards.role(u) in TRAIN_SPLIT
+             and shards.user_texts(TEST_SPLIT[shards.role(u)], u)]
+    users = users[: args.max_users] if args.max_users > 0 else users
+    per_user = {}
+    with bar(not args.no_progress, f"phrase cache ceiling over {len(users):,} users", len(users), unit="users") as update:
+        for u in users:
+            role = shards.role(u)
+            seqs = [[frame(ids, cfg.max_len) for ids in tok.encode_batch(shards.user_texts(split, u))] if
+                    shards.user_texts(split, u) else [] for split in (TRAIN_SPLIT[role], TEST_SPLIT[role])]
+            counts = user_counts(base, cfg, starts, cont, *seqs)
+            if counts["words"]:
+                per_user[u] = counts
+            update(1, "")
+    res = {"model": str(model_dir), "users": len(per_user), "config": C.to_dict(cfg), "arms": {}, "per_user": per_user}
+    for arm in ARMS:
+        gains = np.array([100 * (c[arm] - c["global"]) / c["words"] for c in per_user.values()])
+        res["arms"][arm] = {"mean_gain_points": float(gains.mean()), "hurt": int((gains < -0.5).sum()),
+                            "improved": int((gains > 0.5).sum()), "hurt_frac": float((gains < -0.5).mean())}
+    res["global_top1_mean_over_users"] = float(np.mean([c["global"] / c["words"] for c in per_user.values()]))
+    plot = args.plot or (args.json.with_suffix(".png") if args.json else args.run_dir / "bench" / "phrase_ceiling.png")
+    res["plot"] = str(_plot(per_user, plot))
+    _print(res)
+    if args.json:
+        write_json(args.json, res)
+
+
+def _plot(per_user: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(-10, 15, 51)
+    for arm in ARMS:
+        gains = [100 * (c[arm] - c["global"]) / c["words"] for c in per_user.values()]
+        ax.hist(np.clip(gains, -10, 15), bins=bins, histtype="step", label=f"{arm} (mean {np.mean(gains):+.2f})")
+    ax.set_xlabel("per-user top-1 gain over the global model (points, one-piece words)")
+    ax.set_ylabel("users")
+    ax.set_yscale("log")
+    ax.legend()
+    save_figure(fig, path)
+    return path
+
+
+def _print(res: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"phrase cache ceiling, {res['users']:,} users (global mean top-1 "
+                    f"{100 * res['global_top1_mean_over_users']:.2f}%)")
+    for col in ("arm", "mean gain (points)", "improved", "worse by > 0.5"):
+        t.add_column(col, justify="right" if col != "arm" else "left")
+    for arm, r in res["arms"].items():
+        t.add_row(arm, f"{r['mean_gain_points']:+.2f}", str(r["improved"]), f"{r['hurt']} ({100 * r['hurt_frac']:.1f}%)")
+    console.print(t)
