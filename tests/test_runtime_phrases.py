@@ -123,3 +123,24 @@ def test_enter_in_the_demo_sends_the_line_to_the_profile(shipped):
 
     assert asyncio.run(go(FAN)) == (2, 2)
     assert asyncio.run(go(None)) == (0, 0)
+
+
+def test_phrase_ceiling_counts_what_each_arm_gets_right(tiny_model, tiny_tok):
+    import numpy as np
+
+    from fedkey.bench.phrase_ceiling import user_counts
+    from personalization.config import PersonalConfig
+
+    table = PieceTable.from_tokenizer(tiny_tok)
+    starts = np.zeros(tiny_tok.vocab_size, bool)
+    starts[table.start_space] = True
+    cont = np.zeros(tiny_tok.vocab_size, bool)
+    cont[table.cont] = True
+    framed = [frame(ids, 64) for ids in tiny_tok.encode_batch(["park blue store you the help"] * 30)]
+    cfg = PersonalConfig(cache_lam=0.9, cache_m0=0.1)
+    # nothing of it in train: the shipped cache is empty, the learning one knows the phrase from the 2nd message on
+    got = user_counts(tiny_model, cfg, starts, cont, [], framed)
+    assert got["cache"] == got["global"] < got["cache_learning"] <= got["words"]
+    assert got["oracle"] == got["global"]  # the oracle judges the shipped cache
+    learned = user_counts(tiny_model, cfg, starts, cont, framed, framed)
+    assert learned["cache"] == learned["cache_learning"] == learned["oracle"] == learned["words"]
