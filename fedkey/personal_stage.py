@@ -43,6 +43,17 @@ def _messages(shards, users: list[str]):
     return [Message(u, shards.region(u), t) for u in users for t in shards.user_texts(TEST_SPLIT[shards.role(u)], u)]
 
 
+def _sent(tok, msgs, users, max_len: int) -> dict[str, list[list[int]]]:
+    """The framed messages of `users` among msgs, in order: what their phrase caches learn as they are sent."""
+    from keyboard.batches import frame
+
+    keep = [m for m in msgs if m.user in users]
+    out: dict[str, list[list[int]]] = {u: [] for u in users}
+    for m, ids in zip(keep, tok.encode_batch([m.text for m in keep])):
+        out[m.user].append(frame(ids, max_len))
+    return out
+
+
 def _train_words(shards, users: list[str]) -> dict[str, set[str]]:
     from keyboard.words import WORD_RE, normalize
 
@@ -124,12 +135,14 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
     }
     if with_eval:
         t1 = time.perf_counter()
-        bank = AdapterBank(base, {r.user: AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {})
-                                  for r in results if r.use_adapter}, {r.user: r.cache for r in results if r.cache},
-                           {r.user: r.extra.get("respell", {}) for r in results})
         msgs = _messages(shards, names)
         if not msgs:
             raise FedkeyError(f"{run_dir}: the chosen users have no test messages to compare on")
+        cached = {r.user for r in results if r.cache}
+        bank = AdapterBank(base, {r.user: AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {})
+                                  for r in results if r.use_adapter}, {r.user: r.cache for r in results if r.cache},
+                           {r.user: r.extra.get("respell", {}) for r in results},
+                           _sent(tok, msgs, cached, pcfg.max_len) if pcfg.cache_learn else None)
         train_words = _train_words(shards, names)
         banks = [AdapterBank(base, {}), bank]
         with bar(progress, "evaluating global vs personalized", len(msgs), unit="msg") as update:
@@ -193,7 +206,9 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
             ads = {user: model.to_arrays("", user)} if isinstance(model, PersonalizedLM) else {}
             caches = {user: load_cache(cache_path(run_dir, user), base_id(Path(info["base_model"])))} \
                 if entry.get("use_cache") else {}
-            bank = AdapterBank(base, ads, caches, {user: entry.get("respell") or {}})
+            # the cache learns each test message once sent, as the runtime's learn() does
+            bank = AdapterBank(base, ads, caches, {user: entry.get("respell") or {}},
+                               _sent(tok, msgs, set(caches), PersonalConfig().max_len))
             res = evaluate_users(base, [bank], tok, msgs, ecfg, REGIONAL_PAIRS, _train_words(shards, [user]),
                                  progress=lambda d, n: update(d, ""))[0]
         else:

@@ -82,12 +82,16 @@ class PhraseCache:
     def __len__(self) -> int:
         return sum(len(ids) for ids, _ in self.table.values())
 
-    def mix_row(self, p: np.ndarray, history: list[int]) -> np.ndarray:
+    def hit(self, ctx: tuple[int, ...], before: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(continuations, counts) of one context, None if never seen (`before`: see ReplayCache)."""
+        return self.table.get(ctx)
+
+    def mix_row(self, p: np.ndarray, history: list[int], before: int | None = None) -> np.ndarray:
         """One distribution p (vocab,) after `history` (pieces, oldest first) mixed with the cache, in place."""
         for k in range(1, self.order):
             if len(history) < k:
                 break
-            hit = self.table.get(tuple(history[-k:]))
+            hit = self.hit(tuple(history[-k:]), before)
             if hit is None:
                 break  # a longer context containing an unseen one is unseen too
             ids, cnt = hit
@@ -96,6 +100,43 @@ class PhraseCache:
             p *= 1 - lk
             p[ids] += lk * cnt / tot
         return p
+
+
+@dataclass
+class ReplayCache(PhraseCache):
+    """A cache replaying a user's later messages in the order they were sent, as `learn` would take them on
+    the device: asked `before` message j, it holds its own counts plus those of messages 0..j-1.
+
+    Lets one batched evaluation answer every message with the cache that user had at that moment.
+    """
+
+    sent: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ctx -> (ids, message)
+
+    @classmethod
+    def replay(cls, cache: PhraseCache, seqs: list[list[int]]) -> "ReplayCache":
+        """`cache` followed by the framed messages `seqs`, oldest first (message j learned after answering j)."""
+        grown: dict[tuple[int, ...], list[tuple[int, int]]] = defaultdict(list)
+        for j, s in enumerate(seqs):
+            for t in range(1, len(s)):
+                for k in range(1, min(cache.order - 1, t) + 1):
+                    grown[tuple(s[t - k:t])].append((s[t], j))
+        sent = {ctx: (np.array([i for i, _ in v], dtype=np.int64), np.array([j for _, j in v], dtype=np.int64))
+                for ctx, v in grown.items()}
+        return cls(cache.order, cache.lam, cache.m0, cache.table, sent)
+
+    def hit(self, ctx: tuple[int, ...], before: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The context's counts with those of the messages sent before message `before` (None: none of them)."""
+        own, sent = self.table.get(ctx), self.sent.get(ctx)
+        if before is None or sent is None:
+            return own
+        ids = sent[0][sent[1] < before]
+        if not len(ids):
+            return own
+        w = np.ones(len(ids))
+        if own is not None:
+            ids, w = np.concatenate([own[0], ids]), np.concatenate([own[1], w])
+        uniq, inv = np.unique(ids, return_inverse=True)
+        return uniq, np.bincount(inv, weights=w)
 
 
 def _table(counts: dict[tuple[int, ...], Counter]) -> dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]:
@@ -115,20 +156,23 @@ def latest(seqs: list[list[int]], max_pieces: int) -> list[list[int]]:
     return seqs[start:]
 
 
-def mix_logp(logp: np.ndarray, caches: list[PhraseCache | None], histories: np.ndarray) -> np.ndarray:
+def mix_logp(logp: np.ndarray, caches: list[PhraseCache | None], histories: np.ndarray,
+             before: np.ndarray | None = None) -> np.ndarray:
     """Rows of log-probabilities (N, vocab) mixed with each row's cache (None: unchanged) after its history
-    (N, H) of piece ids, oldest first, -1 padded on the left."""
+    (N, H) of piece ids, oldest first, -1 padded on the left; `before` (N,): each row's message number,
+    for ReplayCaches."""
     out = logp
     for i, cache in enumerate(caches):
         if cache is None:
             continue
         hist = [int(x) for x in histories[i] if x >= 0]
-        if not hist or tuple(hist[-1:]) not in cache.table:
+        b = None if before is None else int(before[i])
+        if not hist or cache.hit(tuple(hist[-1:]), b) is None:
             continue  # most rows: nothing typed after this piece before
         if out is logp:
             out = logp.copy()
         p = np.exp(logp[i].astype(np.float64))
-        out[i] = np.log(cache.mix_row(p, hist) + 1e-30)
+        out[i] = np.log(cache.mix_row(p, hist, b) + 1e-30)
     return out
 
 

@@ -24,7 +24,7 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD
 from personalization.config import PersonalConfig
 from personalization.data import UserData
-from keyboard.phrase_cache import PhraseCache, histories, mix_logp
+from keyboard.phrase_cache import PhraseCache, ReplayCache, histories, mix_logp
 from personalization.gate import decide, decide_cache, spelling_only_ok
 
 TOPK_CANDIDATES = 8  # base-model candidates per position that vote for the user's shortlist
@@ -254,10 +254,11 @@ def step_nll(pos: Positions, ES: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor, A: torch.Tensor,
                B: torch.Tensor, ub_full: torch.Tensor, starts: torch.Tensor | None,
                cont: torch.Tensor | None = None, caches: list[PhraseCache | None] | None = None,
-               hists: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+               hists: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, torch.Tensor]:
     """Exact full-vocabulary validation figures per user: mean piece NLL of the adapted model, and top-1
     piece accuracy at word starts (where the keyboard predicts the next word) of the global and adapted model;
-    with `caches` (and each user's validation `hists`), also of the global model mixed with the user's cache."""
+    with `caches` (and each user's validation (histories, message numbers) `hists`), also of the global model
+    mixed with the user's cache."""
     E, ob = base.embed.weight.detach(), base.out_bias.detach()
     U = len(F)
     out = {k: torch.zeros(U) for k in ("nll", "top1_global", "top1_personal", "n_words", "nll_cache",
@@ -282,10 +283,20 @@ def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.T
             out["top1_personal"][ui] = ((lg.argmax(-1) == y) & w).sum()
             if caches is not None and caches[ui] is not None:
                 lp0 = torch.log_softmax(lg0, -1)
-                mixed = torch.from_numpy(mix_logp(lp0.numpy(), [caches[ui]] * len(y), hists[ui]))
+                hist, before = hists[ui]
+                mixed = torch.from_numpy(mix_logp(lp0.numpy(), [caches[ui]] * len(y), hist, before))
                 out["nll_cache"][ui] = -mixed.gather(1, y[:, None]).mean()
                 out["top1_cache"][ui] = ((mixed.argmax(-1) == y) & w).sum()
     return out
+
+
+def _gate_cache(u: UserData, cfg: PersonalConfig) -> PhraseCache:
+    """The user's cache as of their validation slice: their earlier messages, then (cache_learn) each validation
+    message learned once sent."""
+    # learning, the device also has the validation messages older than the slice judged (u.val: the latest)
+    before = len(u.history) - (len(u.val) if cfg.cache_learn else u.n_val_messages)
+    cache = PhraseCache.build(u.history[:before], cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
+    return ReplayCache.replay(cache, u.val) if cfg.cache_learn else cache
 
 
 def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
@@ -351,11 +362,12 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
     ub_full = torch.zeros(U, V).scatter_(1, S, ub_b) + sp
     val_g = ((va.logZ - va.base_y) * Mva).sum(1) / n_va.clamp(min=1)
     # the phrase cache is judged as the user would get it on their validation slice: built from the
-    # messages before it (the kept cache is built from all train messages)
-    gate_caches = [PhraseCache.build(u.history[:len(u.history) - u.n_val_messages], cfg.cache_order, cfg.cache_lam,
-                                     cfg.cache_m0, cfg.cache_max_pieces) if cfg.cache_order > 1 and u.val else None for u in users]
-    hists = [histories(u.val, [(b, t) for b, s in enumerate(u.val) for t in range(len(s) - 1)], cfg.cache_order - 1)
-             for u in users] if cfg.cache_order > 1 else None
+    # messages before it (the kept cache is built from all train messages),
+    # messages before it, learning each validation message once sent when the runtime would (cache_learn)
+    gate_caches = [_gate_cache(u, cfg) if cfg.cache_order > 1 and u.val else None for u in users]
+    rows_of = [[(b, t) for b, s in enumerate(u.val) for t in range(len(s) - 1)] for u in users]
+    hists = [(histories(u.val, rows, cfg.cache_order - 1), np.array([b for b, _ in rows], dtype=np.int64))
+             for u, rows in zip(users, rows_of)] if cfg.cache_order > 1 else None
     ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts, cont, gate_caches, hists)
     has_sp = torch.tensor([bool(u.spelling) for u in users])
     ex_sp = _exact_val(base, Fva[has_sp], Yva[has_sp], Mva[has_sp], torch.zeros_like(A_b[has_sp]),

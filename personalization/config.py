@@ -45,6 +45,9 @@ class PersonalConfig:
     # a heavy writer's cache holds ~6-8 bytes a piece once compressed: 8k pieces keep the file near 65 kB
     cache_max_pieces: int = _f(8192, "phrase cache: built from the user's latest messages holding at most this many "
                                      "pieces (keeps the file small; 0: all)")
+    cache_learn: bool = _f(True, "phrase cache: it learns each message the user sends, as the on-device runtime's "
+                           "learn() does; the gate and the report replay the validation and test messages in the "
+                           "order they were sent (false: the cache of the train text only)")
     # protecting users comes first (Motley 2022): with 0, 5.3% of runs/full's users lost > 0.5 point;
     # 1 hurt ~1% of a 150-user sample for about half the mean gain
     cache_gate_top1: int = _f(1, "keep the phrase cache only if it gets at least this many more validation words "

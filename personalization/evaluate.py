@@ -26,17 +26,20 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import lstm_cell
 from keyboard.words import WORD_RE, PieceTable, normalize, respell
-from keyboard.phrase_cache import PhraseCache, histories, mix_logp
+from keyboard.phrase_cache import PhraseCache, ReplayCache, histories, mix_logp
 
 
 class AdapterBank:
     """Many users' adapters stacked into tensors; row 0 is the global model (no adapter).
 
     `caches` adds users' phrase caches: each row then carries its last HISTORY pieces through the search.
+    `sent` (user -> their framed messages, in the order of the evaluated messages) makes each cache learn
+    them one by one, as the runtime's `learn` does: message j is answered by the cache plus messages 0..j-1.
     """
 
     def __init__(self, base: KeyboardLM, adapters: dict[str, AdapterArrays],
-                 caches: dict[str, PhraseCache] | None = None, respell: dict[str, dict[str, str]] | None = None) -> None:
+                 caches: dict[str, PhraseCache] | None = None, respell: dict[str, dict[str, str]] | None = None,
+                 sent: dict[str, list[list[int]]] | None = None) -> None:
         d, V = base.cfg.embed_dim, base.vocab_size
         caches = caches or {}
         adapters = {**{u: AdapterArrays(np.zeros((d, 0)), np.zeros((0, d)), np.zeros(V), "", u, {}) for u in caches},
@@ -53,15 +56,18 @@ class AdapterBank:
             self.A[i, :, :k] = torch.from_numpy(np.asarray(ad.A, dtype=np.float32))
             self.B[i, :k] = torch.from_numpy(np.asarray(ad.B, dtype=np.float32))
             self.UB[i] = torch.from_numpy(np.asarray(ad.user_bias, dtype=np.float32))
+        sent = sent or {}
+        caches = {u: ReplayCache.replay(c, sent[u]) if u in sent else c for u, c in caches.items()}
         self.caches: list[PhraseCache | None] = [None] + [caches.get(u) for u in self.users]
         self.respell = {u: m for u, m in (respell or {}).items() if m}  # user -> {other variant: own}
         self.history = max([c.order - 1 for c in caches.values()] + [0])
 
-    def mix(self, logp: np.ndarray, rows: np.ndarray, hist: np.ndarray) -> np.ndarray:
-        """Log-probabilities of rows mixed with their users' phrase caches after their piece histories."""
+    def mix(self, logp: np.ndarray, rows: np.ndarray, hist: np.ndarray, before: np.ndarray) -> np.ndarray:
+        """Log-probabilities of rows mixed with their users' phrase caches after their piece histories
+        (`before`: each row's message number among its user's)."""
         if not self.history:
             return logp
-        return mix_logp(logp, [self.caches[r] for r in rows.tolist()], hist)
+        return mix_logp(logp, [self.caches[r] for r in rows.tolist()], hist, before)
 
     def rows(self, users: list[str]) -> torch.Tensor:
         """Bank row of each user (0, the global model, for a user without an adapter)."""
@@ -80,8 +86,8 @@ class AdapterBank:
 class MultiUserBackend:
     """A StepBackend whose rows each use their own user's adapter (and phrase cache).
 
-    h's columns past the LSTM's hold the bank row, then (with caches) the row's last pieces, oldest first:
-    the search only reorders rows, so both ride along.
+    h's columns past the LSTM's hold the bank row, the message's number among its user's, then (with
+    caches) the row's last pieces, oldest first: the search only reorders rows, so all ride along.
     """
 
     def __init__(self, base: KeyboardLM, bank: AdapterBank) -> None:
@@ -97,10 +103,10 @@ class MultiUserBackend:
         h2, c2 = lstm_cell(self.base.lstm, self.base.embed(x), torch.from_numpy(np.ascontiguousarray(h[:, :d])),
                            torch.from_numpy(np.ascontiguousarray(c)))
         logp = torch.log_softmax(self.bank.logits(self.base, h2, rows), dim=-1).numpy()
-        hist = np.concatenate([h[:, d + 2:], np.asarray(ids, dtype=np.float32).reshape(-1, 1)], axis=1)[:, -self.bank.history:] \
-            if self.bank.history else h[:, d + 1:d + 1]
-        logp = self.bank.mix(logp, rows.numpy(), hist.astype(np.int64))
-        return logp, np.concatenate([h2.numpy(), h[:, d:d + 1], hist], axis=1), c2.numpy()
+        hist = np.concatenate([h[:, d + 3:], np.asarray(ids, dtype=np.float32).reshape(-1, 1)], axis=1)[:, -self.bank.history:] \
+            if self.bank.history else h[:, d + 2:d + 2]
+        logp = self.bank.mix(logp, rows.numpy(), hist.astype(np.int64), h[:, d + 1].astype(np.int64))
+        return logp, np.concatenate([h2.numpy(), h[:, d:d + 2], hist], axis=1), c2.numpy()
 
     def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Not used: rows start from the teacher-forced pass, which knows each row's user."""
@@ -262,11 +268,22 @@ def _outcome(own: str, other: str, suggestions: list[str]) -> str:
     return OUTCOMES[3] if other in top else OUTCOMES[4]
 
 
+def message_numbers(messages: list[Message]) -> list[int]:
+    """Each message's number among its user's (messages are in the order each user sent them)."""
+    seen: Counter = Counter()
+    out = []
+    for m in messages:
+        out.append(seen[m.user])
+        seen[m.user] += 1
+    return out
+
+
 def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress):
     """Searches of every query under every bank; the LSTM pass over each chunk of messages is shared."""
     results: list[dict] = [{} for _ in banks]
     nll_of: list[dict] = [{} for _ in banks]
     backends = [MultiUserBackend(base, b) for b in banks]
+    number = message_numbers(messages)
 
     def flush(chunk: list[int]) -> None:
         seqs = [frame(ids[i], 10**9) for i in chunk]
@@ -287,9 +304,10 @@ def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progres
             for b, i in enumerate(chunk):
                 nll_of[k][i] = float(nll[b])
             hist = histories(seqs, pairs_bt, bank.history)
-            lp_w = bank.mix(lp_w, rows[bi].numpy(), hist)
+            before = np.array([number[chunk[b]] for b, _ in pairs_bt], dtype=np.int64)
+            lp_w = bank.mix(lp_w, rows[bi].numpy(), hist, before)
             h_w = np.concatenate([H[bi, ti].numpy(), rows[bi].numpy()[:, None].astype(np.float32),
-                                  hist.astype(np.float32)], axis=1)
+                                  before[:, None].astype(np.float32), hist.astype(np.float32)], axis=1)
             c_w = C[bi, ti].numpy()
             search_queries(backend, table, qs, parsed, row_of, lp_w, h_w, c_w, cfg, results[k])
             for q in qs:

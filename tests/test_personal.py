@@ -313,6 +313,31 @@ def test_gated_cache_suggests_the_users_phrase(fed_model, tiny_tok):
     assert pers["per_user"]["other"] == glob["per_user"]["other"]  # no cache: the global model
 
 
+def test_replayed_cache_answers_each_message_with_what_was_sent_before_it(fed_model, tiny_tok):
+    from keyboard.phrase_cache import PhraseCache, ReplayCache
+
+    own = [frame(ids, 64) for ids in tiny_tok.encode_batch(["how are you doing today"] * 3)]
+    later = [frame(ids, 64) for ids in tiny_tok.encode_batch(["park blue store you the help"] * 4)]
+    replay = ReplayCache.replay(PhraseCache.build(own, 4, 0.5, 1.0), later)
+    rng = np.random.default_rng(0)
+    for j in range(len(later) + 1):  # message j sees the cache plus messages 0..j-1, as learn() would give it
+        grown = PhraseCache.build(own, 4, 0.5, 1.0)
+        for s in later[:j]:
+            grown.learn(s)
+        for t in range(1, len(later[0])):
+            p = rng.dirichlet(np.ones(tiny_tok.vocab_size))
+            assert np.allclose(replay.mix_row(p.copy(), later[0][:t], j), grown.mix_row(p.copy(), later[0][:t]))
+    # evaluated in order, the scrambled phrase is right from its second sending on, and only with learning
+    msgs = [Message("fan", "US", "park blue store you the help")] * 4
+    cache = PhraseCache.build(own, 4, 0.5, 1.0)
+    glob, static, learning = evaluate_users(
+        fed_model, [AdapterBank(fed_model, {}), AdapterBank(fed_model, {}, {"fan": cache}),
+                    AdapterBank(fed_model, {}, {"fan": cache}, sent={"fan": later})],
+        tiny_tok, msgs, EvalConfig(ksr_messages=0))
+    assert static["per_user"]["fan"]["top1"] == glob["per_user"]["fan"]["top1"] < 0.5
+    assert learning["per_user"]["fan"]["top1"] > glob["per_user"]["fan"]["top1"] + 0.3
+
+
 def test_regional_outcomes_say_where_the_own_variant_stood():
     from personalization.evaluate import OUTCOMES, _outcome
 
