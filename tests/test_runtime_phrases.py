@@ -125,18 +125,23 @@ def test_enter_in_the_demo_sends_the_line_to_the_profile(shipped):
     assert asyncio.run(go(None)) == (0, 0)
 
 
-def test_phrase_ceiling_counts_what_each_arm_gets_right(tiny_model, tiny_tok):
+def _ceiling_inputs(tok):
+    """Word-start and continuation masks of the tokenizer, and 30 copies of one phrase, framed."""
     import numpy as np
 
+    table = PieceTable.from_tokenizer(tok)
+    starts = np.zeros(tok.vocab_size, bool)
+    starts[table.start_space] = True
+    cont = np.zeros(tok.vocab_size, bool)
+    cont[table.cont] = True
+    return starts, cont, [frame(ids, 64) for ids in tok.encode_batch(["park blue store you the help"] * 30)]
+
+
+def test_phrase_ceiling_counts_what_each_arm_gets_right(tiny_model, tiny_tok):
     from fedkey.bench.phrase_ceiling import user_counts
     from personalization.config import PersonalConfig
 
-    table = PieceTable.from_tokenizer(tiny_tok)
-    starts = np.zeros(tiny_tok.vocab_size, bool)
-    starts[table.start_space] = True
-    cont = np.zeros(tiny_tok.vocab_size, bool)
-    cont[table.cont] = True
-    framed = [frame(ids, 64) for ids in tiny_tok.encode_batch(["park blue store you the help"] * 30)]
+    starts, cont, framed = _ceiling_inputs(tiny_tok)
     cfg = PersonalConfig(cache_lam=0.9, cache_m0=0.1)
     # nothing of it in train: the shipped cache is empty, the learning one knows the phrase from the 2nd message on
     got = user_counts(tiny_model, cfg, starts, cont, [], framed)
@@ -144,3 +149,18 @@ def test_phrase_ceiling_counts_what_each_arm_gets_right(tiny_model, tiny_tok):
     assert got["oracle"] == got["global"]  # the oracle judges the shipped cache
     learned = user_counts(tiny_model, cfg, starts, cont, framed, framed)
     assert learned["cache"] == learned["cache_learning"] == learned["oracle"] == learned["words"]
+
+
+def test_phrase_ceiling_dynamic_arm_learns_the_sent_messages_and_leaves_the_base_alone(tiny_model, tiny_tok):
+    import torch
+
+    from fedkey.bench.phrase_ceiling import user_counts
+    from personalization.config import PersonalConfig
+
+    starts, cont, framed = _ceiling_inputs(tiny_tok)
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    off = user_counts(tiny_model, PersonalConfig(), starts, cont, [], framed)
+    assert "dynamic" not in off
+    got = user_counts(tiny_model, PersonalConfig(), starts, cont, [], framed, dynamic_lr=0.5, dynamic_pre=0)
+    assert got["global"] == off["global"] < got["dynamic"] <= got["words"]
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # each user adapts a copy

@@ -7,8 +7,13 @@ forced, the next word's first piece is the whole word), is the top-1 piece right
 - the global model mixed with the user's cache of their train text (ungated, the shipped weights);
 - the same, the cache learning each test message once it is sent (the runtime's `learn`);
 - an oracle that knows, word by word, whether the model's or the cache's top continuation (at the
-  longest context the cache has seen) is right: a ceiling no mixing weight can pass.
-Reported as each user's gain over the global model (mean over users, users worse by > 0.5 point).
+  longest context the cache has seen) is right: a ceiling no mixing weight can pass;
+- with --dynamic-lr: dynamic evaluation (Krause et al. 2018), the whole model fine-tuned online on the
+  user's device: one SGD step on each of their latest --dynamic-pre train messages, then on each test
+  message once it is sent; alone and mixed with the learning cache.
+Reported as each user's gain over the global model (mean over users, users worse by > 0.5 point), and
+what a per-user gate that knew each user's test words could make of each arm (it keeps the arm only
+where it gains): the ceiling of any gate between the global model and that arm.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     from personalization.config import PersonalConfig
 
 ARMS = ("cache", "cache_learning", "oracle")
+DYNAMIC_ARMS = ("dynamic", "dynamic_cache")
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -34,6 +40,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="global model folder (default: the run's fl/ model, else central/)")
     p.add_argument("--max-users", type=int, default=0, help="the first N users by id with test messages (0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--dynamic-lr", type=float, default=0.0,
+                   help="add the dynamic-evaluation arms at this SGD learning rate (0: off; 0.03 was best of 0.01/0.03/0.1)")
+    p.add_argument("--dynamic-pre", type=int, default=300,
+                   help="dynamic evaluation: SGD steps over the user's latest this many train messages before the test ones")
     p.add_argument("--plot", type=Path, help="PNG (default: beside --json, else RUN_DIR/bench/phrase_ceiling.png)")
 
 
@@ -52,21 +62,56 @@ def _cache_top(cache, hist: list[int]) -> int | None:
     return top
 
 
-def user_counts(base, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarray, train: list[list[int]],
-                test: list[list[int]]) -> dict[str, int]:
-    """Right top-1 words of the global model and of each arm over one user's framed test messages."""
+class _Dynamic:
+    """A copy of the model that takes one SGD step on every message it is shown (dynamic evaluation)."""
+
+    def __init__(self, base, lr: float) -> None:
+        import copy
+
+        import torch
+
+        self.model = copy.deepcopy(base).eval()  # eval: no dropout while it learns, as on the device
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
+
+    def logp(self, s: list[int]) -> np.ndarray:
+        """Teacher-forced next-piece log-probabilities over one framed message."""
+        return _logp(self.model, s)
+
+    def learn(self, s: list[int]) -> None:
+        """One SGD step on the message's mean next-piece loss."""
+        import torch
+
+        logits = self.model(torch.tensor([s[:-1]]))[0][0]
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]))
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+
+def _logp(model, s: list[int]) -> np.ndarray:
     import torch
 
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([s[:-1]]))[0][0], -1).double().numpy()
+
+
+def user_counts(base, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarray, train: list[list[int]],
+                test: list[list[int]], dynamic_lr: float = 0.0, dynamic_pre: int = 300) -> dict[str, int]:
+    """Right top-1 words of the global model and of each arm over one user's framed test messages
+    (the dynamic-evaluation arms too with dynamic_lr > 0)."""
     from keyboard.phrase_cache import PhraseCache
 
     def build() -> PhraseCache:
         return PhraseCache.build(train, cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
 
     shipped, learning = build(), build()
-    out = dict.fromkeys(("words", "global", *ARMS), 0)
+    dyn = _Dynamic(base, dynamic_lr) if dynamic_lr > 0 else None
+    for s in train[-dynamic_pre:] if dyn and dynamic_pre > 0 else []:
+        dyn.learn(s)
+    out = dict.fromkeys(("words", "global", *ARMS, *(DYNAMIC_ARMS if dyn else ())), 0)
     for s in test:
-        with torch.inference_mode():
-            logp = torch.log_softmax(base(torch.tensor([s[:-1]]))[0][0], -1).double().numpy()
+        logp = _logp(base, s)
+        dlogp = dyn.logp(s) if dyn else None
         for t, y in enumerate(s[1:]):
             if not starts[y] or (t + 2 < len(s) and cont[s[t + 2]]):
                 continue  # not a one-piece word
@@ -76,7 +121,13 @@ def user_counts(base, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarra
             out["cache"] += _right(shipped.mix_row(p.copy(), hist), y)
             out["cache_learning"] += _right(learning.mix_row(p.copy(), hist), y)
             out["oracle"] += int(p.argmax() == y or _cache_top(shipped, hist) == y)
+            if dlogp is not None:
+                q = np.exp(dlogp[t])
+                out["dynamic"] += _right(q, y)
+                out["dynamic_cache"] += _right(learning.mix_row(q.copy(), hist), y)
         learning.learn(s)  # sent: it counts from the next message on
+        if dyn:
+            dyn.learn(s)
     return out
 
 
@@ -113,21 +164,35 @@ def run(args: argparse.Namespace) -> None:
             role = shards.role(u)
             seqs = [[frame(ids, cfg.max_len) for ids in tok.encode_batch(shards.user_texts(split, u))] if
                     shards.user_texts(split, u) else [] for split in (TRAIN_SPLIT[role], TEST_SPLIT[role])]
-            counts = user_counts(base, cfg, starts, cont, *seqs)
+            counts = user_counts(base, cfg, starts, cont, *seqs, dynamic_lr=args.dynamic_lr,
+                                 dynamic_pre=args.dynamic_pre)
             if counts["words"]:
                 per_user[u] = counts
             update(1, "")
-    res = {"model": str(model_dir), "users": len(per_user), "config": C.to_dict(cfg), "arms": {}, "per_user": per_user}
-    for arm in ARMS:
-        gains = np.array([100 * (c[arm] - c["global"]) / c["words"] for c in per_user.values()])
+    res = {"model": str(model_dir), "users": len(per_user), "config": C.to_dict(cfg), "arms": {}, "per_user": per_user,
+           "dynamic": {"lr": args.dynamic_lr, "pre_messages": args.dynamic_pre} if args.dynamic_lr > 0 else None}
+    for arm in _arms(per_user):
+        gains = _gains(per_user, arm)
         res["arms"][arm] = {"mean_gain_points": float(gains.mean()), "hurt": int((gains < -0.5).sum()),
-                            "improved": int((gains > 0.5).sum()), "hurt_frac": float((gains < -0.5).mean())}
+                            "improved": int((gains > 0.5).sum()), "hurt_frac": float((gains < -0.5).mean()),
+                            "user_gate_oracle_points": float(np.maximum(gains, 0).mean())}
     res["global_top1_mean_over_users"] = float(np.mean([c["global"] / c["words"] for c in per_user.values()]))
     plot = args.plot or (args.json.with_suffix(".png") if args.json else args.run_dir / "bench" / "phrase_ceiling.png")
     res["plot"] = str(_plot(per_user, plot))
     _print(res)
     if args.json:
         write_json(args.json, res)
+
+
+def _arms(per_user: dict) -> list[str]:
+    """The arms these counts hold, in report order."""
+    first = next(iter(per_user.values()), {})
+    return [a for a in (*ARMS, *DYNAMIC_ARMS) if a in first]
+
+
+def _gains(per_user: dict, arm: str) -> np.ndarray:
+    """Each user's top-1 gain of the arm over the global model, in points."""
+    return np.array([100 * (c[arm] - c["global"]) / c["words"] for c in per_user.values()])
 
 
 def _plot(per_user: dict, path: Path) -> Path:
@@ -138,8 +203,8 @@ def _plot(per_user: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.linspace(-10, 15, 51)
-    for arm in ARMS:
-        gains = [100 * (c[arm] - c["global"]) / c["words"] for c in per_user.values()]
+    for arm in _arms(per_user):
+        gains = _gains(per_user, arm)
         ax.hist(np.clip(gains, -10, 15), bins=bins, histtype="step", label=f"{arm} (mean {np.mean(gains):+.2f})")
     ax.set_xlabel("per-user top-1 gain over the global model (points, one-piece words)")
     ax.set_ylabel("users")
@@ -154,8 +219,9 @@ def _print(res: dict) -> None:
 
     t = Table(title=f"phrase cache ceiling, {res['users']:,} users (global mean top-1 "
                     f"{100 * res['global_top1_mean_over_users']:.2f}%)")
-    for col in ("arm", "mean gain (points)", "improved", "worse by > 0.5"):
+    for col in ("arm", "mean gain (points)", "improved", "worse by > 0.5", "with a per-user test-set oracle gate"):
         t.add_column(col, justify="right" if col != "arm" else "left")
     for arm, r in res["arms"].items():
-        t.add_row(arm, f"{r['mean_gain_points']:+.2f}", str(r["improved"]), f"{r['hurt']} ({100 * r['hurt_frac']:.1f}%)")
+        t.add_row(arm, f"{r['mean_gain_points']:+.2f}", str(r["improved"]), f"{r['hurt']} ({100 * r['hurt_frac']:.1f}%)",
+                  f"{r['user_gate_oracle_points']:+.2f}")
     console.print(t)
