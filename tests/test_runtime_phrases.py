@@ -163,4 +163,9 @@ def test_phrase_ceiling_dynamic_arm_learns_the_sent_messages_and_leaves_the_base
     assert "dynamic" not in off
     got = user_counts(tiny_model, PersonalConfig(), starts, cont, [], framed, dynamic_lr=0.5, dynamic_pre=0)
     assert got["global"] == off["global"] < got["dynamic"] <= got["words"]
+    # the same messages as train: the record over all 30 counts each before it is learned, as the test arm did
+    rec = user_counts(tiny_model, PersonalConfig(), starts, cont, framed, framed[:1], dynamic_lr=0.5, dynamic_pre=30)
+    assert rec["pre_words"] == got["words"] and rec["pre_global"] == got["global"]
+    assert rec["pre_dynamic"] == got["dynamic"] and rec["pre_dynamic_cache"] == got["dynamic_cache"]
+    assert rec["pre_cache_learning"] == got["cache_learning"]
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # each user adapts a copy

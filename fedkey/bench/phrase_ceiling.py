@@ -10,7 +10,9 @@ forced, the next word's first piece is the whole word), is the top-1 piece right
   longest context the cache has seen) is right: a ceiling no mixing weight can pass;
 - with --dynamic-lr: dynamic evaluation (Krause et al. 2018), the whole model fine-tuned online on the
   user's device: one SGD step on each of their latest --dynamic-pre train messages, then on each test
-  message once it is sent; alone and mixed with the learning cache.
+  message once it is sent; alone and mixed with the learning cache. Each learning arm then also keeps
+  its record over those train messages (each answered before it is learned, as the device sees it) and
+  is reported gated by it: kept for a user only where it led the global model by >= 1 / 3 / 5 words.
 Reported as each user's gain over the global model (mean over users, users worse by > 0.5 point), and
 what a per-user gate that knew each user's test words could make of each arm (it keeps the arm only
 where it gains): the ceiling of any gate between the global model and that arm.
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 ARMS = ("cache", "cache_learning", "oracle")
 DYNAMIC_ARMS = ("dynamic", "dynamic_cache")
+RECORDED = ("cache_learning", *DYNAMIC_ARMS)  # arms whose record over the latest train messages is counted
+RECORD_GATES = (1, 3, 5)  # words right beyond the global model on that record
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -95,40 +99,57 @@ def _logp(model, s: list[int]) -> np.ndarray:
         return torch.log_softmax(model(torch.tensor([s[:-1]]))[0][0], -1).double().numpy()
 
 
+def _tally(out: dict[str, int], key: str, s: list[int], starts: np.ndarray, cont: np.ndarray, base, learning,
+           shipped=None, dyn: _Dynamic | None = None) -> None:
+    """Add one framed message's one-piece words to the counts `key + arm` (the shipped cache and the oracle
+    only when `shipped` is given; the dynamic arms only with `dyn`)."""
+    logp = _logp(base, s)
+    dlogp = dyn.logp(s) if dyn else None
+    for t, y in enumerate(s[1:]):
+        if not starts[y] or (t + 2 < len(s) and cont[s[t + 2]]):
+            continue  # not a one-piece word
+        hist, p = s[:t + 1], np.exp(logp[t])
+        out[key + "words"] += 1
+        out[key + "global"] += _right(p, y)
+        out[key + "cache_learning"] += _right(learning.mix_row(p.copy(), hist), y)
+        if shipped is not None:
+            out[key + "cache"] += _right(shipped.mix_row(p.copy(), hist), y)
+            out[key + "oracle"] += int(p.argmax() == y or _cache_top(shipped, hist) == y)
+        if dlogp is not None:
+            q = np.exp(dlogp[t])
+            out[key + "dynamic"] += _right(q, y)
+            out[key + "dynamic_cache"] += _right(learning.mix_row(q.copy(), hist), y)
+
+
 def user_counts(base, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarray, train: list[list[int]],
                 test: list[list[int]], dynamic_lr: float = 0.0, dynamic_pre: int = 300) -> dict[str, int]:
-    """Right top-1 words of the global model and of each arm over one user's framed test messages
-    (the dynamic-evaluation arms too with dynamic_lr > 0)."""
+    """Right top-1 words of the global model and of each arm over one user's framed test messages; with
+    dynamic_lr > 0 the dynamic-evaluation arms too, and each learning arm's record over the latest
+    dynamic_pre train messages, each answered before it is learned ("pre_" counts: a gate's evidence)."""
+    from collections import Counter
+
     from keyboard.phrase_cache import PhraseCache
 
-    def build() -> PhraseCache:
-        return PhraseCache.build(train, cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
+    def build(seqs: list[list[int]]) -> PhraseCache:
+        return PhraseCache.build(seqs, cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
 
-    shipped, learning = build(), build()
+    shipped, learning = build(train), build(train)
+    out: Counter = Counter(dict.fromkeys(("words", "global", *ARMS), 0))
     dyn = _Dynamic(base, dynamic_lr) if dynamic_lr > 0 else None
-    for s in train[-dynamic_pre:] if dyn and dynamic_pre > 0 else []:
-        dyn.learn(s)
-    out = dict.fromkeys(("words", "global", *ARMS, *(DYNAMIC_ARMS if dyn else ())), 0)
+    if dyn:
+        out.update(dict.fromkeys(DYNAMIC_ARMS, 0))
+        recent = train[-dynamic_pre:] if dynamic_pre > 0 else []
+        record = build(train[: len(train) - len(recent)])  # the cache as it was before those messages
+        for s in recent:
+            _tally(out, "pre_", s, starts, cont, base, record, dyn=dyn)
+            record.learn(s)
+            dyn.learn(s)
     for s in test:
-        logp = _logp(base, s)
-        dlogp = dyn.logp(s) if dyn else None
-        for t, y in enumerate(s[1:]):
-            if not starts[y] or (t + 2 < len(s) and cont[s[t + 2]]):
-                continue  # not a one-piece word
-            hist, p = s[:t + 1], np.exp(logp[t])
-            out["words"] += 1
-            out["global"] += _right(p, y)
-            out["cache"] += _right(shipped.mix_row(p.copy(), hist), y)
-            out["cache_learning"] += _right(learning.mix_row(p.copy(), hist), y)
-            out["oracle"] += int(p.argmax() == y or _cache_top(shipped, hist) == y)
-            if dlogp is not None:
-                q = np.exp(dlogp[t])
-                out["dynamic"] += _right(q, y)
-                out["dynamic_cache"] += _right(learning.mix_row(q.copy(), hist), y)
+        _tally(out, "", s, starts, cont, base, learning, shipped, dyn)
         learning.learn(s)  # sent: it counts from the next message on
         if dyn:
             dyn.learn(s)
-    return out
+    return dict(out)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -176,12 +197,26 @@ def run(args: argparse.Namespace) -> None:
         res["arms"][arm] = {"mean_gain_points": float(gains.mean()), "hurt": int((gains < -0.5).sum()),
                             "improved": int((gains > 0.5).sum()), "hurt_frac": float((gains < -0.5).mean()),
                             "user_gate_oracle_points": float(np.maximum(gains, 0).mean())}
+        if args.dynamic_lr > 0 and arm in RECORDED:
+            res["arms"][arm]["record_gate"] = _record_gate(per_user, arm, gains)
     res["global_top1_mean_over_users"] = float(np.mean([c["global"] / c["words"] for c in per_user.values()]))
     plot = args.plot or (args.json.with_suffix(".png") if args.json else args.run_dir / "bench" / "phrase_ceiling.png")
     res["plot"] = str(_plot(per_user, plot))
     _print(res)
     if args.json:
         write_json(args.json, res)
+
+
+def _record_gate(per_user: dict, arm: str, gains: np.ndarray) -> dict[str, dict]:
+    """The arm kept only for users whose record over their latest train messages has it right at >= N more
+    words than the global model: mean gain and users hurt, for each N in RECORD_GATES."""
+    lead = np.array([c.get("pre_" + arm, 0) - c.get("pre_global", 0) for c in per_user.values()])
+    out = {}
+    for n in RECORD_GATES:
+        g = np.where(lead >= n, gains, 0.0)
+        out[str(n)] = {"kept": int((lead >= n).sum()), "mean_gain_points": float(g.mean()),
+                       "hurt": int((g < -0.5).sum()), "hurt_frac": float((g < -0.5).mean())}
+    return out
 
 
 def _arms(per_user: dict) -> list[str]:
@@ -219,9 +254,12 @@ def _print(res: dict) -> None:
 
     t = Table(title=f"phrase cache ceiling, {res['users']:,} users (global mean top-1 "
                     f"{100 * res['global_top1_mean_over_users']:.2f}%)")
-    for col in ("arm", "mean gain (points)", "improved", "worse by > 0.5", "with a per-user test-set oracle gate"):
+    gates = [f"kept where the record leads by >= {n}" for n in RECORD_GATES] if res["dynamic"] else []
+    for col in ("arm", "mean gain (points)", "improved", "worse by > 0.5", "with a per-user test-set oracle gate", *gates):
         t.add_column(col, justify="right" if col != "arm" else "left")
     for arm, r in res["arms"].items():
+        rec = r.get("record_gate", {})
         t.add_row(arm, f"{r['mean_gain_points']:+.2f}", str(r["improved"]), f"{r['hurt']} ({100 * r['hurt_frac']:.1f}%)",
-                  f"{r['user_gate_oracle_points']:+.2f}")
+                  f"{r['user_gate_oracle_points']:+.2f}",
+                  *(f"{rec[str(n)]['mean_gain_points']:+.2f} / {rec[str(n)]['hurt']} hurt" if rec else "" for n in RECORD_GATES))
     console.print(t)
