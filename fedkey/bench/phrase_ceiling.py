@@ -74,7 +74,7 @@ class _Dynamic:
 
         import torch
 
-        self.model = copy.deepcopy(base).eval()  # eval: no dropout while it learns, as on the device
+        self.model = copy.deepcopy(base).eval()  # a copy: the global model stays the other arms' baseline
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
 
     def logp(self, s: list[int]) -> np.ndarray:
