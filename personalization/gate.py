@@ -42,10 +42,15 @@ def decide(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
 
 def decide_cache(r: "UserResult", cfg: PersonalConfig) -> bool:
     """Whether the user keeps their phrase cache: validation top-1 gains at least cfg.cache_gate_top1 words over
-    the global model at no higher validation loss (always, with cache_gate_top1 < 0)."""
+    the global model at no higher validation loss; on a slice of fewer than cfg.gate_min_words one-piece words
+    (with cfg.cache_small_slice_loss), a lower validation loss alone. Always, with cache_gate_top1 < 0."""
     if cfg.cache_gate_top1 < 0:
         return r.train_tokens > 0
     if "val_top1_cache" not in r.extra or r.val_tokens < cfg.min_val_tokens:
         return False
+    if cfg.cache_small_slice_loss and r.extra.get("val_words", 0) < cfg.gate_min_words:
+        # a light writer's slice holds a few words: top-1 there is a coin toss, while the loss sees every piece
+        # (the spelling preference is judged the same way)
+        return r.extra["val_nll_cache"] < r.val_global
     gain = r.extra["val_top1_cache"] - r.extra.get("val_top1_global", 0)
     return gain >= cfg.cache_gate_top1 and r.extra["val_nll_cache"] <= r.val_global

@@ -102,10 +102,13 @@ def test_gate_keeps_global_without_useful_data(fed_model, tiny_tok):
     rng = np.random.default_rng(1)
     noise = ["".join(rng.choice(list("qxzjvkw"), 12)) for _ in range(40)]  # nothing the validation slice resembles
     users = [user_data(tiny_tok, "one_message", ["how are you doing today"], cfg, "US"),
-             user_data(tiny_tok, "noise", noise[:36] + PHRASES[:4], cfg, "US")]
-    one, noisy = train_adapters(fed_model, users, cfg, starts_of(tiny_tok))
+             user_data(tiny_tok, "noise", noise[:36] + PHRASES[:4], cfg, "US"),
+             user_data(tiny_tok, "light_noise", noise[:18] + PHRASES[4:6], cfg, "US")]
+    one, noisy, light = train_adapters(fed_model, users, cfg, starts_of(tiny_tok))
+    assert light.extra["val_words"] < cfg.gate_min_words and light.cache is None  # judged by the loss: no help
     assert not one.use_adapter and one.reason == "no validation slice"
     assert not noisy.use_adapter and "did not improve" in noisy.reason or "worse" in noisy.reason
+    assert one.cache is None and noisy.cache is None  # no phrase cache either: the global model as it is
 
 
 def test_gate_needs_enough_validation_words_to_keep_a_trained_adapter():
@@ -122,6 +125,24 @@ def test_gate_needs_enough_validation_words_to_keep_a_trained_adapter():
     kept, why = decide(result(11), cfg)
     assert not kept and why == "validation slice too small to judge (11 one-piece words)"
     assert decide(result(11), PersonalConfig(gate_min_words=0))[0]
+
+
+def test_cache_gate_judges_a_light_writers_slice_by_its_loss():
+    from personalization.gate import decide_cache
+
+    z = np.zeros((16, 8), dtype=np.float32)
+
+    def result(n_words: int, nll_cache: float, top1_cache: int) -> UserResult:  # global: loss 4.0, 3 words right
+        return UserResult("u", "US", z, z.T, np.zeros(50, np.float32), 500, 60, 4.0, 4.0, 10, False, "",
+                          {"val_words": n_words, "val_top1_global": 3, "val_nll_cache": nll_cache,
+                           "val_top1_cache": top1_cache})
+
+    cfg = PersonalConfig()
+    # a slice too small for top-1 to judge: the loss decides, either way
+    assert decide_cache(result(12, 3.8, 3), cfg) and not decide_cache(result(12, 4.1, 4), cfg)
+    # a slice big enough: one more word right at no higher loss, as before
+    assert not decide_cache(result(40, 3.8, 3), cfg) and decide_cache(result(40, 3.8, 4), cfg)
+    assert not decide_cache(result(12, 3.8, 3), PersonalConfig(cache_small_slice_loss=False))
 
 
 def test_validation_is_the_latest_tenth_of_train(tiny_tok):
@@ -311,6 +332,17 @@ def test_gated_cache_suggests_the_users_phrase(fed_model, tiny_tok):
                                 tiny_tok, msgs, EvalConfig(ksr_messages=0))
     assert glob["per_user"]["fan"]["top1"] < 1.0 and pers["per_user"]["fan"]["top1"] == 1.0
     assert pers["per_user"]["other"] == glob["per_user"]["other"]  # no cache: the global model
+
+
+def test_light_writer_keeps_a_cache_that_lowers_validation_loss(fed_model, tiny_tok):
+    cfg = PersonalConfig(steps=5, cache_lam=0.5)
+    ud = user_data(tiny_tok, "light_fan", [WEATHER, "how are you doing today"] * 5, cfg, "US")
+    r = train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
+    assert r.extra["val_words"] < cfg.gate_min_words and r.extra["val_nll_cache"] < r.val_global
+    assert r.cache is not None
+    off = train_adapters(fed_model, [ud], PersonalConfig(steps=5, cache_lam=0.5, cache_small_slice_loss=False),
+                         starts_of(tiny_tok))[0]
+    assert off.cache is None  # top-1 on so few words does not move
 
 
 def test_replayed_cache_answers_each_message_with_what_was_sent_before_it(fed_model, tiny_tok):
