@@ -52,7 +52,7 @@ class PersonalConfig:
     # 1 hurt ~1% of a 150-user sample for about half the mean gain
     cache_gate_top1: int = _f(1, "keep the phrase cache only if it gets at least this many more validation words "
                               "right at top-1 than the model without it, at no higher validation loss (-1: always keep)")
-    # runs/full, the full preset's report: +0.42 -> +0.56 mean top-1 gain, users hurt 21 -> 25 of 608 (session 10)
+    # runs/full, the full preset's report: +0.41 -> +0.56 mean top-1 gain, users hurt 21 -> 25 of 608 (session 10)
     cache_small_slice_loss: bool = _f(True, "a user whose validation slice has fewer than gate_min_words one-piece "
                                       "words keeps the phrase cache if it lowers validation loss (false: the same "
                                       "top-1 rule as everyone, which so few words rarely pass)")

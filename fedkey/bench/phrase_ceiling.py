@@ -77,19 +77,17 @@ class _Dynamic:
         self.model = copy.deepcopy(base).eval()  # a copy: the global model stays the other arms' baseline
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
 
-    def logp(self, s: list[int]) -> np.ndarray:
-        """Teacher-forced next-piece log-probabilities over one framed message."""
-        return _logp(self.model, s)
-
-    def learn(self, s: list[int]) -> None:
-        """One SGD step on the message's mean next-piece loss."""
+    def answer_then_learn(self, s: list[int]) -> np.ndarray:
+        """Teacher-forced next-piece log-probabilities over one framed message as the model was before it, then
+        one SGD step on the message's mean next-piece loss (one forward pass serves both)."""
         import torch
 
-        logits = self.model(torch.tensor([s[:-1]]))[0][0]
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]))
+        logp = torch.log_softmax(self.model(torch.tensor([s[:-1]]))[0][0], -1)
+        loss = torch.nn.functional.nll_loss(logp, torch.tensor(s[1:]))
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
+        return logp.detach().double().numpy()
 
 
 def _logp(model, s: list[int]) -> np.ndarray:
@@ -100,11 +98,10 @@ def _logp(model, s: list[int]) -> np.ndarray:
 
 
 def _tally(out: dict[str, int], key: str, s: list[int], starts: np.ndarray, cont: np.ndarray, base, learning,
-           shipped=None, dyn: _Dynamic | None = None) -> None:
+           shipped=None, dlogp: np.ndarray | None = None) -> None:
     """Add one framed message's one-piece words to the counts `key + arm` (the shipped cache and the oracle
-    only when `shipped` is given; the dynamic arms only with `dyn`)."""
+    only when `shipped` is given; the dynamic arms only with `dlogp`, the dynamic model's log-probabilities)."""
     logp = _logp(base, s)
-    dlogp = dyn.logp(s) if dyn else None
     for t, y in enumerate(s[1:]):
         if not starts[y] or (t + 2 < len(s) and cont[s[t + 2]]):
             continue  # not a one-piece word
@@ -141,14 +138,11 @@ def user_counts(base, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarra
         recent = train[-dynamic_pre:] if dynamic_pre > 0 else []
         record = build(train[: len(train) - len(recent)])  # the cache as it was before those messages
         for s in recent:
-            _tally(out, "pre_", s, starts, cont, base, record, dyn=dyn)
+            _tally(out, "pre_", s, starts, cont, base, record, dlogp=dyn.answer_then_learn(s))
             record.learn(s)
-            dyn.learn(s)
     for s in test:
-        _tally(out, "", s, starts, cont, base, learning, shipped, dyn)
+        _tally(out, "", s, starts, cont, base, learning, shipped, dyn.answer_then_learn(s) if dyn else None)
         learning.learn(s)  # sent: it counts from the next message on
-        if dyn:
-            dyn.learn(s)
     return dict(out)
 
 
