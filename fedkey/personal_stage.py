@@ -92,6 +92,11 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
     key = stage_key(cfgd, {"base": bid, "shards": shards.manifest.get("source_hash", "")})
     if users is None and is_done(out_dir, key, [REPORT]):
         rep = read_json(out_dir / REPORT)
+        if rep.get("top1_gain_per_user"):
+            # a pure function of the stored gains: a report cached by older code still gets today's figures
+            from personalization.report import count_changes
+
+            rep["changes"] = count_changes(rep["top1_gain_per_user"], rep["region_of"])
         if json_path:
             write_json(json_path, rep)
         return {**rep, "skipped": True}

@@ -18,6 +18,7 @@ from typing import Any
 from fedkey.errors import FedkeyError
 from fedkey.io import atomic_write_bytes, read_json
 from fedkey.tables import _num, _pct, console
+from personalization.report import format_interval
 
 REPORT = "report.md"
 CENTRAL = "central"
@@ -284,7 +285,8 @@ def _personal(run: RunFiles) -> Section | None:
     tables = []
     if ch:
         reg = {k: _with_all(v) for k, v in (rep.get("regional_all_positions") or {}).items()}
-        table = Table(["region", "users", "improved", "hurt", "unchanged", "mean top-1 gain", "adapters kept",
+        table = Table(["region", "users", "improved", "hurt", "unchanged", "mean top-1 gain", "95% interval",
+                       "adapters kept",
                        "regional-variant acc, global -> personalized (words)"], [],
                       "users whose top-1 moved more than 0.5 pt (of those with sampled test words)")
         for label, c in [("all", ch), *sorted(ch.get("by_region", {}).items(), reverse=True)]:
@@ -292,7 +294,8 @@ def _personal(run: RunFiles) -> Section | None:
             regional = f"{_pct(g.get('acc'))} -> {_pct(p.get('acc'))} ({g['n']:,})" if g else "-"
             kept_here = kept if label == "all" else rep.get("gated_in_by_region", {}).get(label)
             table.rows.append([label, _count(c["users"]), _count(c["improved"]), _count(c["hurt"]),
-                               _count(c["unchanged"]), _points(c.get("mean_top1_gain")), _count(kept_here), regional])
+                               _count(c["unchanged"]), _points(c.get("mean_top1_gain")),
+                               format_interval(c.get("mean_top1_gain_ci95")), _count(kept_here), regional])
         tables.append(table)
     secs = rep.get("seconds", {})
     rows.append(("time", f"{_duration(secs.get('personalize'))} training adapters, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -11,6 +12,7 @@ from fedkey.io import save_figure
 from fedkey.tables import metrics_table
 
 THRESHOLD = 0.005  # a user counts as improved / hurt when top-1 moves by more than half a point
+BOOTSTRAP_SAMPLES = 2000
 
 
 def top1_gains(glob: dict, pers: dict) -> dict[str, float]:
@@ -29,11 +31,27 @@ def count_changes(gains: dict[str, float], region_of: dict[str, str]) -> dict:
         g = [gains[u] for u in us]
         return {"users": len(g), "improved": sum(x > THRESHOLD for x in g), "hurt": sum(x < -THRESHOLD for x in g),
                 "unchanged": sum(abs(x) <= THRESHOLD for x in g),
-                "mean_top1_gain": sum(g) / len(g) if g else None}
+                "mean_top1_gain": sum(g) / len(g) if g else None, "mean_top1_gain_ci95": mean_interval(g)}
     out = tally(sorted(gains))
     out["by_region"] = {r: tally([u for u in sorted(gains) if region_of.get(u) == r])
                         for r in sorted({region_of.get(u, "?") for u in gains})}
     return out
+
+
+def mean_interval(values: list[float], seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval (percentile, resampling users) of the mean of per-user values; None under 2 users."""
+    # a few dozen sampled words a user make each gain noisy: the interval says how far the mean itself could move
+    if len(values) < 2:
+        return None
+    v = np.sort(np.asarray(values, dtype=np.float64))  # the same users in any order: the same interval
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(BOOTSTRAP_SAMPLES, len(v)))
+    lo, hi = np.percentile(v[idx].mean(axis=1), [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def format_interval(ci: list[float] | None) -> str:
+    """A mean gain's interval in points ("-" where none was measured, as in reports written before it was)."""
+    return "-" if not ci else f"{100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f} pt"
 
 
 def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, title: str) -> None:
@@ -76,12 +94,13 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
     console.print(metrics_table(f"global vs personalized on {rep['split']} ({rep['users']} users)", rows))
 
     t = Table(title="users whose top-1 moved by more than 0.5 point")
-    for col in ("region", "users", "improved", "got worse", "unchanged", "mean top-1 gain (pt)", "gate chose adapter"):
+    for col in ("region", "users", "improved", "got worse", "unchanged", "mean top-1 gain (pt)", "95% interval",
+                "gate chose adapter"):
         t.add_column(col, justify="left" if col == "region" else "right")
     ch = rep["changes"]
     for label, c in [("all", ch)] + list(ch["by_region"].items()):
         t.add_row(label, str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
-                  _pct(c["mean_top1_gain"], True), str(rep["gated_in_by_region"].get(label, rep["gated_in"]) if label != "all" else rep["gated_in"]))
+                  _pct(c["mean_top1_gain"], True), format_interval(c.get("mean_top1_gain_ci95")), str(rep["gated_in_by_region"].get(label, rep["gated_in"]) if label != "all" else rep["gated_in"]))
     console.print(t)
 
     reg = rep.get("regional_all_positions")

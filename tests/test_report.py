@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedkey import config as C
@@ -14,7 +15,7 @@ from fedkey.stages import mark_done
 from fedkey.tables import console
 from fl_core.config import FleetConfig, FLConfig
 from fl_core.privacy.config import PrivacyConfig
-from personalization.report import count_changes, top1_gains
+from personalization.report import count_changes, format_interval, mean_interval, top1_gains
 
 USERS = {"u1": "US", "u2": "US", "g1": "GB", "g2": "GB"}
 PNG = b"\x89PNG\r\n\x1a\n"  # the report only links figures, so a stub stands in for a plot
@@ -101,8 +102,9 @@ def test_full_report(tmp_path: Path) -> None:
     assert "epsilon 4.26 at delta 1.0e-05" in md and "secure aggregation" in md
     assert "| uplink, total | 261 MB (87.1 MB a round) |" in md
     assert "top-k (2.0% of coordinates" in md and "50,100 of a 50,000 budget" in md
-    assert "| GB | 2 | 1 | 1 | 0 | +4.00 pt | 2 | 25.0% -> 75.0% (12) |" in md
-    assert "| all | 4 | 3 | 1 | 0 | +3.75 pt | 3 | 75.0% -> 86.5% (52) |" in md  # pooled over regions' words
+    assert "| GB | 2 | 1 | 1 | 0 | +4.00 pt | -1.00 .. +9.00 pt | 2 | 25.0% -> 75.0% (12) |" in md
+    # pooled over regions' words; the interval resamples the 4 users' gains (+6, +1, +9, -1 pt)
+    assert "| all | 4 | 3 | 1 | 0 | +3.75 pt | +0.00 .. +7.50 pt | 3 | 75.0% -> 86.5% (52) |" in md
     assert "3 of 4 users (75.0%)" in md and "41.2 kB / 42.0 kB" in md
     assert "900 kB (26.5% of fp32, 3.8x smaller)" in md and "| adapters shipped | 1 |" in md
     assert "99.5%" in md and "0.42 ms (target <= 1 ms: met)" in md and "3.10 ms (target <= 5 ms: met)" in md
@@ -162,3 +164,19 @@ def test_partial_files(tmp_path: Path) -> None:
     assert "> left out fl/eval_test.json: not valid JSON" in quality
     assert "training has not finished (no fl/stage.json); figures as of round 3" in md
     assert "| rounds | 3 |" in md
+
+
+def test_mean_gain_interval_shrinks_with_more_users() -> None:
+    rng = np.random.default_rng(3)
+    few = list(rng.normal(0.01, 0.05, 100))
+    many = list(rng.normal(0.01, 0.05, 1600))
+    lo, hi = mean_interval(few)
+    assert lo < float(np.mean(few)) < hi and mean_interval(few[::-1]) == [lo, hi]  # seeded; the users' order does not matter
+    lo2, hi2 = mean_interval(many)
+    assert lo2 < float(np.mean(many)) < hi2
+    assert (hi2 - lo2) < 0.4 * (hi - lo)  # 16x the users: about a quarter of the width
+    assert mean_interval([0.02] * 30) == pytest.approx([0.02, 0.02])  # no spread, no uncertainty
+    assert mean_interval([0.02]) is None and format_interval(None) == "-"
+    ch = count_changes({"u1": 0.06, "u2": 0.01, "g1": 0.09, "g2": -0.01}, USERS)
+    assert ch["mean_top1_gain_ci95"] == mean_interval([0.06, 0.01, 0.09, -0.01])
+    assert ch["by_region"]["GB"]["mean_top1_gain_ci95"] == mean_interval([0.09, -0.01])
