@@ -133,6 +133,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         "cache_bytes_mean": (sum(r.extra["cache_bytes"] for r in results if r.cache) / max(1, sum(bool(r.cache) for r in results))),
         "cache_bytes_max": max([r.extra["cache_bytes"] for r in results if r.cache] + [0]),
         "use_adapter": {r.user: r.use_adapter for r in results},
+        "use_cache": {r.user: r.cache is not None for r in results},
         "region_of": {r.user: r.region for r in results},
         "gated_in_by_region": {reg: sum(r.use_adapter for r in results if r.region == reg)
                                for reg in sorted({r.region for r in results})},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -49,6 +50,10 @@ def mean_interval(values: list[float], seed: int = 0) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+def _interval(ci: list[float] | None) -> str:
+    return "-" if not ci else f"{100 * ci[0]:+.2f}..{100 * ci[1]:+.2f}"
+
+
 def format_interval(ci: list[float] | None) -> str:
     """A mean gain's interval in points ("-" where none was measured, as in reports written before it was)."""
     return "-" if not ci else f"{100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f} pt"
@@ -81,7 +86,32 @@ def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, ti
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
-    return "-" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}%")
+    return "-" if x is None else (f"{100 * x:+.2f}" if signed else f"{100 * x:.1f}%")
+
+
+def _move(a: float | None, b: float | None) -> str:
+    """One cell for a percentage before and after personalization: "13.3→40.0"."""
+    if a is None and b is None:
+        return "-"
+    return "→".join("-" if x is None else f"{100 * x:.1f}" for x in (a, b))
+
+
+def _kept(user: str, rep: dict) -> str:
+    """What the gate kept for a user: their adapter, phrase cache, both or neither ("?": not recorded)."""
+    ad, cache = rep["use_adapter"].get(user), rep.get("use_cache", {}).get(user)
+    if cache is None:
+        return "adapter" if ad else "-" if ad is not None else "?"
+    return {(True, True): "both", (True, False): "adapter", (False, True): "cache"}.get((bool(ad), cache), "-")
+
+
+def _compact(title: str, columns: list[str]) -> Table:
+    # a blank line apart from the table above it: without rules between them, titles run into rows
+    """A table without vertical rules: the per-user and regional tables then fit an 80-column terminal."""
+    t = Table(title="\n" + title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for col in columns:
+        t.add_column(col, justify="left" if col in ("user", "region", "users", "typed in train", "kept") else "right",
+                     no_wrap=True)
+    return t
 
 
 def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
@@ -93,47 +123,48 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
         rows += [(f"global, {r} users", g["by_region"][r]), (f"personalized, {r} users", p["by_region"].get(r, {}))]
     console.print(metrics_table(f"global vs personalized on {rep['split']} ({rep['users']} users)", rows))
 
-    t = Table(title="users whose top-1 moved by more than 0.5 point")
-    for col in ("region", "users", "improved", "got worse", "unchanged", "mean top-1 gain (pt)", "95% interval",
-                "gate chose adapter"):
-        t.add_column(col, justify="left" if col == "region" else "right")
+    gains = rep["top1_gain_per_user"]
+    t = _compact("users whose top-1 moved by more than 0.5 point; mean top-1 gain with its 95% bootstrap interval; "
+                 "adapters and phrase caches the gate kept among these users",
+                 ["region", "users", "better", "worse", "same", "gain", "95% interval", "adapters", "caches"])
     ch = rep["changes"]
     for label, c in [("all", ch)] + list(ch["by_region"].items()):
+        us = [u for u in gains if label == "all" or rep["region_of"].get(u) == label]
+        caches = rep.get("use_cache")
         t.add_row(label, str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
-                  _pct(c["mean_top1_gain"], True), format_interval(c.get("mean_top1_gain_ci95")), str(rep["gated_in_by_region"].get(label, rep["gated_in"]) if label != "all" else rep["gated_in"]))
+                  f"{_pct(c['mean_top1_gain'], True)} pt", _interval(c.get("mean_top1_gain_ci95")),
+                  str(sum(bool(rep["use_adapter"].get(u)) for u in us)),
+                  str(sum(bool(caches.get(u)) for u in us)) if caches is not None else "-")
     console.print(t)
 
     reg = rep.get("regional_all_positions")
     if reg:
         empty = {"global": {}, "personalized": {}}
-        pre = rep.get("regional_after_shared_prefix") or empty
-        off = rep.get("regional_as_typed") or empty
-        t = Table(title="regional-variant accuracy over every regional-pair word of the test split: own variant in "
-                        "the top 3 and above the other (DESIGN.md: with nothing typed; also once the variants' shared "
-                        "prefix, e.g. \"favo\", is typed; and as typed: at the first keystroke that offers either variant)")
-        for col in ("users", "own variant typed in train?", "global", "personalized", "global, prefix typed",
-                    "personalized, prefix typed", "global, as typed", "personalized, as typed", "positions"):
-            t.add_column(col, justify="left" if col in ("users", "own variant typed in train?") else "right")
+        views = [reg, rep.get("regional_after_shared_prefix") or empty, rep.get("regional_as_typed") or empty]
+        t = _compact("regional-variant accuracy in %, global → personalized, over every regional-pair word of the test "
+                     "split: own variant in the top 3 and above the other, with nothing of the word typed (DESIGN.md), "
+                     "once the variants' shared prefix (\"favo\") is typed, and as typed (at the first keystroke that "
+                     "offers either variant)",
+                     ["users", "typed in train", "nothing typed", "prefix typed", "as typed", "words"])
         for key in sorted(k for k in reg["global"] if k != "per_user"):
             region, _, sub = key.partition("/")
-            t.add_row(region, {"": "all", "typed": "yes", "never_typed": "no"}[sub], _pct(reg["global"][key]["acc"]),
-                      _pct(reg["personalized"].get(key, {}).get("acc")),
-                      *[_pct(v[m].get(key, {}).get("acc")) for v in (pre, off) for m in ("global", "personalized")],
-                      str(reg["global"][key]["n"]))
+            t.add_row(region, {"": "all", "typed": "yes", "never_typed": "no"}[sub],
+                      *[_move(v["global"].get(key, {}).get("acc"), v["personalized"].get(key, {}).get("acc"))
+                        for v in views], f"{reg['global'][key]['n']:,}")
         console.print(t)
 
-    gains = rep["top1_gain_per_user"]
     if gains:
-        t = Table(title="per user (largest changes first)" if len(gains) > per_user_rows else "per user")
-        for col in ("user", "region", "words", "top-1 global", "top-1 personal", "top-3 global", "top-3 personal",
-                    "KSR global", "KSR personal", "regional global", "regional personal", "adapter"):
-            t.add_column(col, justify="left" if col in ("user", "region", "adapter") else "right")
+        cols = {"top-1": "top1", "top-3": "top3", "KSR": "ksr", "regional": "regional_acc"}
         order = sorted(gains, key=lambda u: -abs(gains[u]))[:per_user_rows]
+        # KSR and regional accuracy exist only for users with KSR messages or regional words: drop empty columns
+        shown = [c for c, k in cols.items() if any(g["per_user"][u][k] is not None for u in order)]
+        t = _compact("per user, in %, global → personalized" + (" (largest top-1 changes first)"
+                                                                 if len(gains) > per_user_rows else ""),
+                     ["user", "region", "words", *shown, "kept"])
         for u in order:
             gm, pm = g["per_user"][u], p["per_user"][u]
-            t.add_row(u[:12], rep["region_of"].get(u, "?"), str(gm["n_words"]), _pct(gm["top1"]), _pct(pm["top1"]),
-                      _pct(gm["top3"]), _pct(pm["top3"]), _pct(gm["ksr"]), _pct(pm["ksr"]),
-                      _pct(gm["regional_acc"]), _pct(pm["regional_acc"]), "yes" if rep["use_adapter"].get(u) else "no")
+            t.add_row(u[:8], rep["region_of"].get(u, "?"), str(gm["n_words"]),
+                      *[_move(gm[cols[c]], pm[cols[c]]) for c in shown], _kept(u, rep))
         console.print(t)
     console.print(f"adapters kept by the gate: {rep['gated_in']:,} of {rep['users']:,} users; "
                   f"mean adapter file {rep['adapter_bytes_mean'] or 0:,.0f} bytes; phrase caches kept: "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from fedkey import config as C
 from fedkey.fl_stage import write_history
@@ -16,6 +18,7 @@ from fedkey.tables import console
 from fl_core.config import FleetConfig, FLConfig
 from fl_core.privacy.config import PrivacyConfig
 from personalization.report import count_changes, format_interval, mean_interval, top1_gains
+from personalization.report import print_report as print_personal
 
 USERS = {"u1": "US", "u2": "US", "g1": "GB", "g2": "GB"}
 PNG = b"\x89PNG\r\n\x1a\n"  # the report only links figures, so a stub stands in for a plot
@@ -70,6 +73,7 @@ def _full_run(run: Path, dp: bool) -> None:
     write_json(run / "personal" / "report.json", {
         "base_model": str(run / "fl"), "base_id": "ab", "users": 4, "gated_in": 3, "adapter_bytes_mean": 41_230.0,
         "adapter_bytes_max": 41_987, "use_adapter": {u: u != "u2" for u in USERS}, "region_of": USERS,
+        "use_cache": {u: u.startswith("u") for u in USERS},
         "gated_in_by_region": {"GB": 2, "US": 1}, "seconds": {"personalize": 95.0, "evaluate": 12.0},
         "global": glob, "personalized": pers, "changes": count_changes(gains, USERS), "split": "test",
         "regional_all_positions": reg, "top1_gain_per_user": gains})
@@ -180,3 +184,18 @@ def test_mean_gain_interval_shrinks_with_more_users() -> None:
     ch = count_changes({"u1": 0.06, "u2": 0.01, "g1": 0.09, "g2": -0.01}, USERS)
     assert ch["mean_top1_gain_ci95"] == mean_interval([0.06, 0.01, 0.09, -0.01])
     assert ch["by_region"]["GB"]["mean_top1_gain_ci95"] == mean_interval([0.09, -0.01])
+
+
+def test_personalize_tables_fit_an_80_column_terminal(tmp_path: Path) -> None:
+    _full_run(tmp_path, dp=False)
+    rep = json.loads((tmp_path / "personal" / "report.json").read_text())
+    con = Console(width=80, record=True)
+    print_personal(rep, con)
+    out = con.export_text()
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80  # nothing cut off or wrapped
+    row = next(line for line in out.splitlines() if line.startswith("all "))
+    assert row.split() == ["all", "4", "3", "1", "0", "+3.75", "pt", "+0.00..+7.50", "3", "2"]
+    users = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["u1"], ["u2"], ["g1"])}
+    # top-1 global -> personalized, and what the gate kept: adapter and cache, the cache alone, the adapter alone
+    assert users["u1"][3] == "15.0→21.0" and users["u1"][-1] == "both"
+    assert users["u2"][-1] == "cache" and users["g1"][-1] == "adapter"
