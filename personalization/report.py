@@ -50,13 +50,11 @@ def mean_interval(values: list[float], seed: int = 0) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
-def _interval(ci: list[float] | None) -> str:
-    return "-" if not ci else f"{100 * ci[0]:+.2f}..{100 * ci[1]:+.2f}"
-
-
-def format_interval(ci: list[float] | None) -> str:
+def format_interval(ci: list[float] | None, compact: bool = False) -> str:
     """A mean gain's interval in points ("-" where none was measured, as in reports written before it was)."""
-    return "-" if not ci else f"{100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f} pt"
+    if not ci:
+        return "-"
+    return f"{100 * ci[0]:+.2f}..{100 * ci[1]:+.2f}" if compact else f"{100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f} pt"
 
 
 def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, title: str) -> None:
@@ -105,8 +103,8 @@ def _kept(user: str, rep: dict) -> str:
 
 
 def _compact(title: str, columns: list[str]) -> Table:
-    # a blank line apart from the table above it: without rules between them, titles run into rows
     """A table without vertical rules: the per-user and regional tables then fit an 80-column terminal."""
+    # the title's blank line keeps it apart from the table above: with no rules, titles would run into rows
     t = Table(title="\n" + title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     for col in columns:
         t.add_column(col, justify="left" if col in ("user", "region", "users", "typed in train", "kept") else "right",
@@ -132,7 +130,7 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
         us = [u for u in gains if label == "all" or rep["region_of"].get(u) == label]
         caches = rep.get("use_cache")
         t.add_row(label, str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
-                  f"{_pct(c['mean_top1_gain'], True)} pt", _interval(c.get("mean_top1_gain_ci95")),
+                  f"{_pct(c['mean_top1_gain'], True)} pt", format_interval(c.get("mean_top1_gain_ci95"), compact=True),
                   str(sum(bool(rep["use_adapter"].get(u)) for u in us)),
                   str(sum(bool(caches.get(u)) for u in us)) if caches is not None else "-")
     console.print(t)
