@@ -14,7 +14,7 @@ from fedkey.io import read_json, write_json
 from fedkey.progress import bar
 from fedkey.stages import is_done, mark_done, stage_key
 from personalization.config import PersonalConfig
-from personalization.store import GAINS_PNG, PERSONAL, REPORT, base_id, default_base, save_results
+from personalization.store import GAINS_PNG, PERSONAL, REPORT, base_id, default_base, read_gate, save_results
 
 TRAIN_SPLIT = {"train": "train", "heldout": "heldout_train"}
 TEST_SPLIT = {"train": "test", "heldout": "heldout_test"}
@@ -94,9 +94,9 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         rep = read_json(out_dir / REPORT)
         if rep.get("top1_gain_per_user"):
             # a pure function of the stored gains: a report cached by older code still gets today's figures
-            from personalization.report import count_changes
-
             rep["changes"] = count_changes(rep["top1_gain_per_user"], rep["region_of"])
+        # reports before use_cache was recorded: the gate's own file says which users keep a cache
+        rep.setdefault("use_cache", {u: bool(e.get("use_cache")) for u, e in read_gate(run_dir).items()})
         if json_path:
             write_json(json_path, rep)
         return {**rep, "skipped": True}
@@ -194,7 +194,7 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
     from keyboard.phrase_cache import load_cache
     from personalization.evaluate import AdapterBank, evaluate_users
     from personalization.model import PersonalizedLM
-    from personalization.store import cache_path, load_personalized, read_gate
+    from personalization.store import cache_path, load_personalized
 
     shards, _ = load_prepared(run_dir)
     _users(shards, [user], 0)

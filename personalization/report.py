@@ -125,10 +125,9 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
     t = _compact("users whose top-1 moved by more than 0.5 point; mean top-1 gain with its 95% bootstrap interval; "
                  "adapters and phrase caches the gate kept among these users",
                  ["region", "users", "better", "worse", "same", "gain", "95% interval", "adapters", "caches"])
-    ch = rep["changes"]
+    ch, caches = rep["changes"], rep.get("use_cache")
     for label, c in [("all", ch)] + list(ch["by_region"].items()):
         us = [u for u in gains if label == "all" or rep["region_of"].get(u) == label]
-        caches = rep.get("use_cache")
         t.add_row(label, str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
                   f"{_pct(c['mean_top1_gain'], True)} pt", format_interval(c.get("mean_top1_gain_ci95"), compact=True),
                   str(sum(bool(rep["use_adapter"].get(u)) for u in us)),
