@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+from fedkey.cli import main
 from fedkey.config import CentralConfig, EvalConfig, ModelConfig
 from fedkey.errors import FedkeyError
 from keyboard.adapter_file import AdapterArrays, load_adapter, save_adapter
@@ -24,9 +27,11 @@ from personalization.config import PersonalConfig
 from personalization.data import split_user
 from personalization.evaluate import AdapterBank, evaluate_users, regional_accuracy
 from personalization.model import PersonalizedLM
+from personalization.report import mean_interval
 from personalization.spelling import attach_spelling, first_piece, preferences, spelling_bias
 from personalization.store import load_personalized, save_results
 from tests.conftest import PHRASES
+from tests.test_fl_fixtures import tiny_run  # noqa: F401  (fixture)
 
 BRITISH = ["i like the colour blue", "what is your favourite colour"]
 
@@ -449,3 +454,26 @@ def test_personal_modes_bench_gives_one_line_errors(tmp_path, capsys):
     assert main(["bench", "personal_modes", "--run-dir", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_personalize_command_reports_and_reuses_its_result(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["train-central", "--run-dir", str(run), "--embed-dim", "8", "--hidden", "12", "--max-tokens", "3000",
+                 "--no-progress"]) == 0
+    argv = ["personalize", "--run-dir", str(run), "--no-progress", "--eval-ksr-messages", "20", "--threads", "1"]
+    assert main([*argv, "--json", str(tmp_path / "p.json")]) == 0
+    rep = json.loads((tmp_path / "p.json").read_text())
+    gate = json.loads((run / "personal" / "gate.json").read_text())
+    assert rep["use_cache"] == {u: e["use_cache"] for u, e in gate.items()}
+    gains = list(rep["top1_gain_per_user"].values())
+    assert rep["changes"]["mean_top1_gain_ci95"] == mean_interval(gains) and len(gains) >= 2
+    assert "95% interval" in capsys.readouterr().out
+    # a report saved before the interval and use_cache were recorded: the saved run is reused, its figures completed
+    saved = json.loads((run / "personal" / "report.json").read_text())
+    del saved["use_cache"], saved["changes"]["mean_top1_gain_ci95"]
+    (run / "personal" / "report.json").write_text(json.dumps(saved))
+    assert main([*argv, "--json", str(tmp_path / "again.json")]) == 0
+    assert "already personalized" in capsys.readouterr().out
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["use_cache"] == rep["use_cache"] and again["changes"] == rep["changes"]
