@@ -18,7 +18,7 @@ from typing import Any
 from fedkey.errors import FedkeyError
 from fedkey.io import atomic_write_bytes, read_json
 from fedkey.tables import _num, _pct, console
-from personalization.report import format_interval
+from personalization.report import format_interval, kept_among
 
 REPORT = "report.md"
 CENTRAL = "central"
@@ -292,7 +292,8 @@ def _personal(run: RunFiles) -> Section | None:
         for label, c in [("all", ch), *sorted(ch.get("by_region", {}).items(), reverse=True)]:
             g, p = (reg.get(k, {}).get(label, {}) for k in ("global", "personalized"))
             regional = f"{_pct(g.get('acc'))} -> {_pct(p.get('acc'))} ({g['n']:,})" if g else "-"
-            kept_here = kept if label == "all" else rep.get("gated_in_by_region", {}).get(label)
+            # among the compared users, as the row's other counts are (gated_in also counts users without test words)
+            kept_here = kept_among(rep, label)[0] if "top1_gain_per_user" in rep else None
             table.rows.append([label, _count(c["users"]), _count(c["improved"]), _count(c["hurt"]),
                                _count(c["unchanged"]), _points(c.get("mean_top1_gain")),
                                format_interval(c.get("mean_top1_gain_ci95")), _count(kept_here), regional])

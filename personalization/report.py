@@ -94,6 +94,15 @@ def _move(a: float | None, b: float | None) -> str:
     return "→".join("-" if x is None else f"{100 * x:.1f}" for x in (a, b))
 
 
+def kept_among(rep: dict, region: str) -> tuple[int, int | None]:
+    """Adapters and phrase caches the gate kept among the compared users of a region ("all": every region);
+    caches None for a report that did not record them."""
+    us = [u for u in rep["top1_gain_per_user"] if region == "all" or rep["region_of"].get(u) == region]
+    caches = rep.get("use_cache")
+    return (sum(bool(rep["use_adapter"].get(u)) for u in us),
+            None if caches is None else sum(bool(caches.get(u)) for u in us))
+
+
 def _kept(user: str, rep: dict) -> str:
     """What the gate kept for a user: their adapter, phrase cache, both or neither ("?": not recorded)."""
     ad, cache = rep["use_adapter"].get(user), rep.get("use_cache", {}).get(user)
@@ -125,13 +134,12 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
     t = _compact("users whose top-1 moved by more than 0.5 point; mean top-1 gain with its 95% bootstrap interval; "
                  "adapters and phrase caches the gate kept among these users",
                  ["region", "users", "better", "worse", "same", "gain", "95% interval", "adapters", "caches"])
-    ch, caches = rep["changes"], rep.get("use_cache")
+    ch = rep["changes"]
     for label, c in [("all", ch)] + list(ch["by_region"].items()):
-        us = [u for u in gains if label == "all" or rep["region_of"].get(u) == label]
+        adapters, caches = kept_among(rep, label)
         t.add_row(label, str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
                   f"{_pct(c['mean_top1_gain'], True)} pt", format_interval(c.get("mean_top1_gain_ci95"), compact=True),
-                  str(sum(bool(rep["use_adapter"].get(u)) for u in us)),
-                  str(sum(bool(caches.get(u)) for u in us)) if caches is not None else "-")
+                  str(adapters), "-" if caches is None else str(caches))
     console.print(t)
 
     reg = rep.get("regional_all_positions")
