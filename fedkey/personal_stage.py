@@ -14,7 +14,7 @@ from fedkey.io import read_json, write_json
 from fedkey.progress import bar
 from fedkey.stages import is_done, mark_done, stage_key
 from personalization.config import PersonalConfig
-from personalization.store import GAINS_PNG, PERSONAL, REPORT, base_id, default_base, read_gate, save_results
+from personalization.store import GAINS_PNG, PERSONAL, REPORT, SENTINEL, base_id, default_base, read_gate, save_results
 
 TRAIN_SPLIT = {"train": "train", "heldout": "heldout_train"}
 TEST_SPLIT = {"train": "test", "heldout": "heldout_test"}
@@ -59,6 +59,32 @@ def _train_words(shards, users: list[str]) -> dict[str, set[str]]:
 
     return {u: {w for t in shards.user_texts(TRAIN_SPLIT[shards.role(u)], u) for w in WORD_RE.findall(normalize(t))}
             for u in users}
+
+
+def _sentinel(run_dir: Path, base, bid: str, data: list, pcfg: PersonalConfig, starts, cont, refit: bool,
+              progress: bool) -> tuple[Any, dict]:
+    """The cache's sentinel: fitted on every user's validation slice when all users are personalized (`refit`),
+    else the run's saved one for this base model, if any."""
+    from keyboard.sentinel import load_sentinel, save_sentinel
+    from personalization.sentinel_fit import fit_sentinel
+
+    path = run_dir / PERSONAL / SENTINEL
+    if pcfg.cache_sentinel <= 0 or pcfg.cache_order < 2:
+        if refit and path.exists():
+            path.unlink()  # an earlier run's sentinel must not reach devices through `fedkey export`
+        return None, {"used": False}
+    if not refit:
+        if not path.exists():
+            return None, {"used": False, "why": f"no {path}: run `fedkey personalize --all` first"}
+        return load_sentinel(path, bid), {"used": True, "file": str(path)}
+    with bar(progress, f"fitting the cache sentinel on {len(data):,} validation slices", len(data),
+             unit="users") as update:
+        s, info = fit_sentinel(base, data, pcfg, starts.numpy(), cont.numpy(), progress=lambda d, n: update(d, ""))
+    if s is None:
+        if path.exists():
+            path.unlink()  # a sentinel of another fit must not judge these caches
+        return None, {"used": False, **info}
+    return s, {"used": True, "file": str(path), "bytes": save_sentinel(path, s, bid), **info}
 
 
 def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, ecfg: C.EvalConfig,
@@ -119,8 +145,11 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
             data += load_users(shards, tok, group, pcfg.val_frac, pcfg.max_len, pcfg.max_train_tokens,
                                pcfg.max_val_tokens, split=TRAIN_SPLIT[role])
     attach_spelling(data, tok, base.out_bias.detach().numpy(), REGIONAL_PAIRS, pcfg)
+    sentinel, sentinel_info = _sentinel(run_dir, base, bid, data, pcfg, starts, cont, refit=users is None,
+                                        progress=progress)
     with bar(progress, f"personalizing {len(data):,} users", len(data), unit="users") as update:
-        results = train_adapters(base, data, pcfg, starts, cont, progress=lambda d, n: update(d, ""))
+        results = train_adapters(base, data, pcfg, starts, cont, progress=lambda d, n: update(d, ""),
+                                 sentinel=sentinel)
     sizes = save_results(run_dir, results, bid, model_dir)
     t_train = time.perf_counter() - t0
 
@@ -137,6 +166,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         "region_of": {r.user: r.region for r in results},
         "gated_in_by_region": {reg: sum(r.use_adapter for r in results if r.region == reg)
                                for reg in sorted({r.region for r in results})},
+        "sentinel": sentinel_info,
         "config": cfgd, "seconds": {"personalize": t_train, "evaluate": 0.0},
     }
     if with_eval:
@@ -148,7 +178,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         bank = AdapterBank(base, {r.user: AdapterArrays(r.A, r.B, r.user_bias, bid, r.user, {})
                                   for r in results if r.use_adapter}, {r.user: r.cache for r in results if r.cache},
                            {r.user: r.extra.get("respell", {}) for r in results},
-                           _sent(tok, msgs, cached, pcfg.max_len) if pcfg.cache_learn else None)
+                           _sent(tok, msgs, cached, pcfg.max_len) if pcfg.cache_learn else None, sentinel)
         train_words = _train_words(shards, names)
         banks = [AdapterBank(base, {}), bank]
         with bar(progress, "evaluating global vs personalized", len(msgs), unit="msg") as update:
@@ -192,6 +222,7 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
     from fedkey.pipeline import load_prepared
     from keyboard.evaluate import evaluate
     from keyboard.phrase_cache import load_cache
+    from keyboard.sentinel import load_sentinel
     from personalization.evaluate import AdapterBank, evaluate_users
     from personalization.model import PersonalizedLM
     from personalization.store import cache_path, load_personalized
@@ -213,8 +244,10 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
             caches = {user: load_cache(cache_path(run_dir, user), base_id(Path(info["base_model"])))} \
                 if entry.get("use_cache") else {}
             # the cache learns each test message once sent, as the runtime's learn() does
+            spath = run_dir / PERSONAL / SENTINEL
+            sentinel = load_sentinel(spath, base_id(Path(info["base_model"]))) if caches and spath.exists() else None
             bank = AdapterBank(base, ads, caches, {user: entry.get("respell") or {}},
-                               _sent(tok, msgs, set(caches), PersonalConfig().max_len))
+                               _sent(tok, msgs, set(caches), PersonalConfig().max_len), sentinel)
             res = evaluate_users(base, [bank], tok, msgs, ecfg, REGIONAL_PAIRS, _train_words(shards, [user]),
                                  progress=lambda d, n: update(d, ""))[0]
         else:

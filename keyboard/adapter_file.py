@@ -59,3 +59,27 @@ def load_adapter(path: str | Path, expect_base_id: str | None = None, vocab_size
             embed_dim is not None and (ad.A.shape[0] != embed_dim or ad.B.shape[1] != embed_dim)):
         raise FedkeyError(f"{path}: adapter shapes {ad.A.shape}/{ad.B.shape}/{ad.user_bias.shape} do not fit this model")
     return ad
+
+
+def write_headed_npz(path: str | Path, header: dict, arrays: dict[str, np.ndarray]) -> int:
+    """Write arrays and a JSON header (naming the base model) as one compressed .npz, atomically; returns bytes."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return len(buf.getvalue())
+
+
+def read_headed_npz(path: str | Path, kind: str, expect_base_id: str | None = None,
+                    data: bytes | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, arrays) of a `write_headed_npz` file (from `data` if given, `path` naming it); refuse a corrupt
+    file or one made for another base model, naming the file and its `kind`."""
+    try:
+        with np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False) as z:
+            header = json.loads(bytes(z["header"]).decode())
+            arrays = {k: z[k] for k in z.files if k != "header"}
+    except Exception as e:  # zip, key and JSON errors all mean the same thing to the user
+        raise FedkeyError(f"{path}: not a fedkey {kind} ({type(e).__name__}); re-run `fedkey personalize`") from None
+    if expect_base_id is not None and header.get("base_id") != expect_base_id:
+        raise FedkeyError(f"{path}: {kind} was made for base model {str(header.get('base_id'))[:12]}, not "
+                          f"{expect_base_id[:12]}; re-run `fedkey personalize` against this model")
+    return header, arrays

@@ -31,6 +31,9 @@ def adapter_name(user: str) -> str:
     return f"{ADAPTERS}/{user}.npz"
 
 
+SENTINEL = f"{CACHES}/sentinel.npz"  # the check shared by every shipped phrase cache (keyboard.sentinel)
+
+
 def cache_name(user: str) -> str:
     """Bundle-relative path of a user's phrase cache."""
     return f"{CACHES}/{user}.npz"

@@ -270,11 +270,13 @@ def _opset(path: Path) -> int:
 
 def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, tuple[Path | None, str]] | None = None,
                  settings: QuantSettings | None = None, lexicon: dict | None = None,
-                 respellings: dict[str, dict[str, str]] | None = None, caches: dict[str, Path] | None = None) -> dict:
+                 respellings: dict[str, dict[str, str]] | None = None, caches: dict[str, Path] | None = None,
+                 sentinel: Path | None = None) -> dict:
     """Write a bundle (fp32 and int8 graphs, tokenizer, lexicon, shipped users' files, manifest); returns the manifest.
 
     `adapters` maps each shipped user -> (adapter .npz or None for none, region); `caches` maps shipped users
-    to their phrase cache .npz; each file is refused unless made for this model.
+    to their phrase cache .npz, checked on the device by `sentinel` (personalize's sentinel.npz, shipped with
+    any cache); each file is refused unless made for this model.
     `lexicon` is {"words": [...], "source": str, "min_count": int}: the words the runtime suggests
     (None: no list shipped, suggestions are whatever the pieces spell). `respellings` maps a shipped
     user to their whole-word spelling preference {other variant: own} (personalize's gate.json).
@@ -285,8 +287,9 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
     from fedkey.stages import file_hash
     from keyboard.adapter_file import load_adapter
     from keyboard.bundle import (ADAPTERS, CACHES, FORMAT, FP32, INT8, LEXICON, MANIFEST, PROFILES, RESPELL,
-                                 TOKENIZER, adapter_name, cache_name, sha256_bytes)
+                                 SENTINEL, TOKENIZER, adapter_name, cache_name, sha256_bytes)
     from keyboard.phrase_cache import load_cache
+    from keyboard.sentinel import load_sentinel
     from keyboard.words import Lexicon
     from keyboard.checkpoint import MODEL_FILE, load_model
 
@@ -302,6 +305,9 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
         if user not in adapters:
             raise FedkeyError(f"{path}: phrase cache of {user!r}, who is not a shipped user")
         load_cache(path, expect_base_id=base_id)
+    sentinel = sentinel if caches else None
+    if sentinel is not None:
+        load_sentinel(sentinel, expect_base_id=base_id)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"fedkey.base_id": base_id, "fedkey.tokenizer_sha256": tok.sha256, "fedkey.vocab_size": V}
     export_fp32(model, out / FP32, meta)
@@ -326,6 +332,9 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
     for user, path in sorted(caches.items()):
         atomic_write_bytes(out / cache_name(user), Path(path).read_bytes())
         names.append(cache_name(user))
+    if sentinel is not None:
+        atomic_write_bytes(out / SENTINEL, Path(sentinel).read_bytes())
+        names.append(SENTINEL)
     if adapters:
         write_json(out / PROFILES, {u: r for u, (_, r) in sorted(adapters.items())})
         names.append(PROFILES)
@@ -350,7 +359,10 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
                   "adapter": "f' = f + (f @ A) @ B; logits = f' @ E^T + out_bias + user_bias (zeros: global model)",
                   "phrase_cache": "caches/<user>.npz: the user's (context, next piece) counts; p <- (1 - l) p + "
                                   "l * count / total after each matched context, shortest first, "
-                                  "l = lam * total / (total + m0) (keyboard.phrase_cache)"},
+                                  "l = lam * total / (total + m0) (keyboard.phrase_cache); where that changes the "
+                                  "top piece, caches/sentinel.npz (if shipped) keeps the model's distribution unless "
+                                  "sigmoid(((x - mu) / sd) @ w + b) >= threshold, x: the LSTM output h and the "
+                                  "features of keyboard.sentinel.features"},
         "quantization": quant,
         "lexicon": lex_info,
         "export_check": {"fp32_max_abs_logp_diff": max_abs_diff(model, out / FP32),

@@ -15,8 +15,6 @@ NumPy only: the on-device runtime applies it (`PhraseCacheBackend`) and adds eac
 
 from __future__ import annotations
 
-import io
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fedkey.errors import FedkeyError
-from fedkey.io import atomic_write_bytes
+from keyboard.adapter_file import read_headed_npz, write_headed_npz
+from keyboard.sentinel import Sentinel, features
 from keyboard.tokenizer import BOS
 
 
@@ -85,6 +84,17 @@ class PhraseCache:
     def hit(self, ctx: tuple[int, ...], before: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """(continuations, counts) of one context, None if never seen (`before`: see ReplayCache)."""
         return self.table.get(ctx)
+
+    def longest(self, history: list[int], before: int | None = None) -> tuple[int, float, float]:
+        """(length, continuations, top continuation's share) of the longest context of `history` seen (0s: none)."""
+        out = (0, 0.0, 0.0)
+        for k in range(1, min(self.order - 1, len(history)) + 1):
+            hit = self.hit(tuple(history[-k:]), before)
+            if hit is None:
+                break
+            tot = float(hit[1].sum())
+            out = (k, tot, float(hit[1].max()) / tot)
+        return out
 
     def mix_row(self, p: np.ndarray, history: list[int], before: int | None = None) -> np.ndarray:
         """One distribution p (vocab,) after `history` (pieces, oldest first) mixed with the cache, in place."""
@@ -157,10 +167,14 @@ def latest(seqs: list[list[int]], max_pieces: int) -> list[list[int]]:
 
 
 def mix_logp(logp: np.ndarray, caches: list[PhraseCache | None], histories: np.ndarray,
-             before: np.ndarray | None = None) -> np.ndarray:
+             before: np.ndarray | None = None, sentinel: Sentinel | None = None,
+             feats: np.ndarray | None = None) -> np.ndarray:
     """Rows of log-probabilities (N, vocab) mixed with each row's cache (None: unchanged) after its history
     (N, H) of piece ids, oldest first, -1 padded on the left; `before` (N,): each row's message number,
-    for ReplayCaches."""
+    for ReplayCaches. With a `sentinel` and the rows' LSTM outputs `feats` (N, d), a row whose top piece the
+    cache changes keeps the model's distribution unless the sentinel lets the change through."""
+    if sentinel is not None and feats is None:
+        raise ValueError("mix_logp: the sentinel reads each row's LSTM output; pass feats")
     out = logp
     for i, cache in enumerate(caches):
         if cache is None:
@@ -172,7 +186,11 @@ def mix_logp(logp: np.ndarray, caches: list[PhraseCache | None], histories: np.n
         if out is logp:
             out = logp.copy()
         p = np.exp(logp[i].astype(np.float64))
-        out[i] = np.log(cache.mix_row(p, hist, b) + 1e-30)
+        row = np.log(cache.mix_row(p, hist, b) + 1e-30)
+        if sentinel is not None and row.argmax() != logp[i].argmax() and not sentinel.passes(
+                features(feats[i], logp[i], row, cache.longest(hist, b), sentinel.starts)):
+            continue
+        out[i] = row
     return out
 
 
@@ -180,16 +198,18 @@ class PhraseCacheBackend:
     """A StepBackend whose next-piece distributions are mixed with a user's phrase cache.
 
     Each row's last order-1 pieces ride in extra columns of h (-1: none yet), as the search only reorders
-    rows; the wrapped backend sees its own h. Mixing happens after the wrapped step, so a StepCache below
+    rows; the wrapped backend sees its own h. With a `sentinel`, the cache changes a row's top piece only
+    where the sentinel lets it. Mixing happens after the wrapped step, so a StepCache below
     stays valid when the cache learns.
     """
 
-    def __init__(self, inner, cache: PhraseCache) -> None:
-        self.inner, self.cache, self.n = inner, cache, cache.order - 1
+    def __init__(self, inner, cache: PhraseCache, sentinel: Sentinel | None = None) -> None:
+        self.inner, self.cache, self.sentinel, self.n = inner, cache, sentinel, cache.order - 1
 
     def _mixed(self, out: tuple[np.ndarray, np.ndarray, np.ndarray], hist: np.ndarray):
-        logp, h, c = out
-        return mix_logp(logp, [self.cache] * len(logp), hist), np.concatenate([h, hist.astype(h.dtype)], axis=1), c
+        logp, h, c = out  # h: the wrapped backend's LSTM output, which the sentinel reads
+        mixed = mix_logp(logp, [self.cache] * len(logp), hist, sentinel=self.sentinel, feats=h)
+        return mixed, np.concatenate([h, hist.astype(h.dtype)], axis=1), c
 
     def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One step of the wrapped backend, its distribution mixed with the cache after the rows' histories."""
@@ -216,23 +236,14 @@ def histories(seqs: list[list[int]], rows: list[tuple[int, int]], n: int) -> np.
 
 def save_cache(path: str | Path, cache: PhraseCache, base_id: str, user: str) -> int:
     """Write a user's phrase cache (one small .npz naming the base model); returns its size in bytes."""
-    buf = io.BytesIO()
-    header = json.dumps({"base_id": base_id, "user": user}).encode()
-    np.savez_compressed(buf, header=np.frombuffer(header, dtype=np.uint8), **cache.to_arrays())
-    atomic_write_bytes(path, buf.getvalue())
-    return len(buf.getvalue())
+    return write_headed_npz(path, {"base_id": base_id, "user": user}, cache.to_arrays())
 
 
 def load_cache(path: str | Path, expect_base_id: str | None = None, data: bytes | None = None) -> PhraseCache:
     """Read a phrase cache (from `data` if given, `path` naming it); refuse a corrupt file or one made with
     another base model's pieces."""
+    _, arrays = read_headed_npz(path, "phrase cache", expect_base_id, data)
     try:
-        with np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False) as z:
-            header = json.loads(bytes(z["header"]).decode())
-            cache = PhraseCache.from_arrays({k: z[k] for k in z.files})
-    except Exception as e:  # zip, key and JSON errors all mean the same thing to the user
+        return PhraseCache.from_arrays(arrays)
+    except Exception as e:
         raise FedkeyError(f"{path}: not a fedkey phrase cache ({type(e).__name__}); re-run `fedkey personalize`") from None
-    if expect_base_id is not None and header.get("base_id") != expect_base_id:
-        raise FedkeyError(f"{path}: phrase cache was made for base model {str(header.get('base_id'))[:12]}, not "
-                          f"{expect_base_id[:12]}; re-run `fedkey personalize` against this model")
-    return cache

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from fedkey.errors import FedkeyError
 from keyboard.adapter_file import load_adapter
-from keyboard.bundle import FP32, INT8, LEXICON, RESPELL, TOKENIZER, Bundle, adapter_name, cache_name, open_bundle
+from keyboard.bundle import (FP32, INT8, LEXICON, RESPELL, SENTINEL, TOKENIZER, Bundle, adapter_name, cache_name,
+                             open_bundle)
 from keyboard.onnx_backend import OnnxBackend, StepCache, make_session
 from keyboard.phrase_cache import PhraseCache, PhraseCacheBackend, load_cache
+from keyboard.sentinel import Sentinel, load_sentinel
 from keyboard.predictor import Predictor, Suggestion
 from keyboard.search import LEX_MARGIN, search_words
 from keyboard.tokenizer import BOS, EOS, Tokenizer
@@ -109,6 +111,7 @@ class OnDevicePredictor:
         self._respell: dict[str, str] = {}  # the profile's whole-word spelling preference: other variant -> own
         self._phrases: PhraseCache | None = None  # the profile's phrase cache (None: the profile has none)
         self._phrases_of: dict[str, PhraseCache] = {}  # loaded caches, with what each learned, across profile switches
+        self._sentinel: Sentinel | None = None  # the check on the caches' changes, loaded with the first cache
         self._reset()
 
     def _reset(self) -> None:
@@ -118,7 +121,7 @@ class OnDevicePredictor:
         self._new_predictor(self.lexicon.fresh() if self.lexicon is not None else None)
 
     def _new_predictor(self, lexicon: Lexicon | None) -> None:
-        steps = self.steps if self._phrases is None else PhraseCacheBackend(self.steps, self._phrases)
+        steps = self.steps if self._phrases is None else PhraseCacheBackend(self.steps, self._phrases, self._sentinel)
         self.predictor = WordCachePredictor(steps, self.table, self.tokenizer.encode, beam=self.beam,
                                             max_pieces=self.max_pieces, reuse_words=self.cache, lexicon=lexicon)
 
@@ -153,6 +156,9 @@ class OnDevicePredictor:
             self._phrases_of[user_id] = load_cache(self.bundle.dir / cname, self.bundle.manifest["base_id"],
                                                    self.bundle.read(cname))
         self._phrases = self._phrases_of.get(user_id) if user_id is not None else None
+        if self._phrases is not None and self._sentinel is None and SENTINEL in self.bundle.manifest["files"]:
+            self._sentinel = load_sentinel(self.bundle.dir / SENTINEL, self.bundle.manifest["base_id"],
+                                           self.bundle.read(SENTINEL))
         self._respell = self._respelling(user_id) if user_id is not None else {}
         self._profile = user_id
         self._reset()

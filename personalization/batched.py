@@ -25,6 +25,7 @@ from keyboard.tokenizer import PAD
 from personalization.config import PersonalConfig
 from personalization.data import UserData
 from keyboard.phrase_cache import PhraseCache, ReplayCache, histories, mix_logp
+from keyboard.sentinel import Sentinel
 from personalization.gate import decide, decide_cache, spelling_only_ok
 
 TOPK_CANDIDATES = 8  # base-model candidates per position that vote for the user's shortlist
@@ -254,7 +255,8 @@ def step_nll(pos: Positions, ES: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor, A: torch.Tensor,
                B: torch.Tensor, ub_full: torch.Tensor, starts: torch.Tensor | None,
                cont: torch.Tensor | None = None, caches: list[PhraseCache | None] | None = None,
-               hists: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, torch.Tensor]:
+               hists: list[tuple[np.ndarray, np.ndarray]] | None = None,
+               sentinel: Sentinel | None = None) -> dict[str, torch.Tensor]:
     """Exact full-vocabulary validation figures per user: mean piece NLL of the adapted model, and top-1
     piece accuracy at word starts (where the keyboard predicts the next word) of the global and adapted model;
     with `caches` (and each user's validation (histories, message numbers) `hists`), also of the global model
@@ -284,7 +286,8 @@ def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.T
             if caches is not None and caches[ui] is not None:
                 lp0 = torch.log_softmax(lg0, -1)
                 hist, before = hists[ui]
-                mixed = torch.from_numpy(mix_logp(lp0.numpy(), [caches[ui]] * len(y), hist, before))
+                mixed = torch.from_numpy(mix_logp(lp0.numpy(), [caches[ui]] * len(y), hist, before, sentinel,
+                                                  F[ui][m].numpy()))
                 out["nll_cache"][ui] = -mixed.gather(1, y[:, None]).mean()
                 out["top1_cache"][ui] = ((mixed.argmax(-1) == y) & w).sum()
     return out
@@ -300,7 +303,8 @@ def _gate_cache(u: UserData, cfg: PersonalConfig) -> PhraseCache:
 
 
 def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
-                starts: torch.Tensor | None = None, cont: torch.Tensor | None = None) -> list[UserResult]:
+                starts: torch.Tensor | None = None, cont: torch.Tensor | None = None,
+                sentinel: Sentinel | None = None) -> list[UserResult]:
     """Train the adapters of one group of users together; keep each user's best validation check; gate."""
     U, d, V = len(users), base.cfg.embed_dim, base.vocab_size
     feats = base_features(base, [s for u in users for s in u.train] + [s for u in users for s in u.val])
@@ -368,7 +372,7 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
     rows_of = [[(b, t) for b, s in enumerate(u.val) for t in range(len(s) - 1)] for u in users]
     hists = [(histories(u.val, rows, cfg.cache_order - 1), np.array([b for b, _ in rows], dtype=np.int64))
              for u, rows in zip(users, rows_of)] if cfg.cache_order > 1 else None
-    ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts, cont, gate_caches, hists)
+    ex = _exact_val(base, Fva, Yva, Mva, A_b, B_b, ub_full, starts, cont, gate_caches, hists, sentinel)
     has_sp = torch.tensor([bool(u.spelling) for u in users])
     ex_sp = _exact_val(base, Fva[has_sp], Yva[has_sp], Mva[has_sp], torch.zeros_like(A_b[has_sp]),
                        torch.zeros_like(B_b[has_sp]), sp[has_sp], starts, cont) if has_sp.any() else None
@@ -398,12 +402,13 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
 
 
 def train_adapters(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig, starts: torch.Tensor | None = None,
-                   cont: torch.Tensor | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> list[UserResult]:
+                   cont: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None,
+                   sentinel: Sentinel | None = None) -> list[UserResult]:
     """Adapters and gate decisions for every user, group by group (results in the input order).
 
     `starts` (vocab,) marks pieces that begin a word; the gate compares top-1 accuracy there (with `cont`,
-    the pieces that continue a word, only where the word is one piece).
+    the pieces that continue a word, only where the word is one piece). A `sentinel` checks each cache's changes
+    on the validation slice as it will on the device.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -411,7 +416,7 @@ def train_adapters(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
     by_user: dict[str, UserResult] = {}
     done = 0
     for grp in pack_groups(users, cfg.group_tokens):
-        for r in train_group(base, grp, cfg, starts, cont):
+        for r in train_group(base, grp, cfg, starts, cont, sentinel):
             by_user[r.user] = r
         done += len(grp)
         if progress:

@@ -56,6 +56,10 @@ class PersonalConfig:
     cache_small_slice_loss: bool = _f(True, "a user whose validation slice has fewer than gate_min_words one-piece "
                                       "words keeps the phrase cache if it lowers validation loss (false: the same "
                                       "top-1 rule as everyone, which so few words rarely pass)")
+    cache_sentinel: float = _f(0.0, "the phrase cache changes a top suggestion only where the shared sentinel "
+                               "gives the change at least this probability of being right (0: off, every change; "
+                               "0.6: mean gain +0.53 instead of +0.56, 22 users hurt instead of 25; docs/results/sweeps.md session 12)")
+    sentinel_min_changes: int = _f(200, "fit the sentinel only from at least this many decisive validation changes")
     val_frac: float = _f(0.1, "latest fraction of each user's train messages used as the local validation slice")
     min_val_tokens: int = _f(8, "users with fewer validation pieces keep the global model")
     gate_margin: float = _f(0.03, "keep the adapter only if it lowers validation loss by this fraction")

@@ -27,6 +27,7 @@ from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import lstm_cell
 from keyboard.words import WORD_RE, PieceTable, normalize, respell
 from keyboard.phrase_cache import PhraseCache, ReplayCache, histories, mix_logp
+from keyboard.sentinel import Sentinel
 
 
 class AdapterBank:
@@ -39,7 +40,7 @@ class AdapterBank:
 
     def __init__(self, base: KeyboardLM, adapters: dict[str, AdapterArrays],
                  caches: dict[str, PhraseCache] | None = None, respell: dict[str, dict[str, str]] | None = None,
-                 sent: dict[str, list[list[int]]] | None = None) -> None:
+                 sent: dict[str, list[list[int]]] | None = None, sentinel: Sentinel | None = None) -> None:
         d, V = base.cfg.embed_dim, base.vocab_size
         caches = caches or {}
         adapters = {**{u: AdapterArrays(np.zeros((d, 0)), np.zeros((0, d)), np.zeros(V), "", u, {}) for u in caches},
@@ -61,13 +62,15 @@ class AdapterBank:
         self.caches: list[PhraseCache | None] = [None] + [caches.get(u) for u in self.users]
         self.respell = {u: m for u, m in (respell or {}).items() if m}  # user -> {other variant: own}
         self.history = max([c.order - 1 for c in caches.values()] + [0])
+        self.sentinel = sentinel
 
-    def mix(self, logp: np.ndarray, rows: np.ndarray, hist: np.ndarray, before: np.ndarray) -> np.ndarray:
+    def mix(self, logp: np.ndarray, rows: np.ndarray, hist: np.ndarray, before: np.ndarray,
+            feats: np.ndarray | None = None) -> np.ndarray:
         """Log-probabilities of rows mixed with their users' phrase caches after their piece histories
-        (`before`: each row's message number among its user's)."""
+        (`before`: each row's message number among its user's; `feats`: LSTM outputs, for the sentinel)."""
         if not self.history:
             return logp
-        return mix_logp(logp, [self.caches[r] for r in rows.tolist()], hist, before)
+        return mix_logp(logp, [self.caches[r] for r in rows.tolist()], hist, before, self.sentinel, feats)
 
     def rows(self, users: list[str]) -> torch.Tensor:
         """Bank row of each user (0, the global model, for a user without an adapter)."""
@@ -105,7 +108,7 @@ class MultiUserBackend:
         logp = torch.log_softmax(self.bank.logits(self.base, h2, rows), dim=-1).numpy()
         hist = np.concatenate([h[:, d + 3:], np.asarray(ids, dtype=np.float32).reshape(-1, 1)], axis=1)[:, -self.bank.history:] \
             if self.bank.history else h[:, d + 2:d + 2]
-        logp = self.bank.mix(logp, rows.numpy(), hist.astype(np.int64), h[:, d + 1].astype(np.int64))
+        logp = self.bank.mix(logp, rows.numpy(), hist.astype(np.int64), h[:, d + 1].astype(np.int64), h2.numpy())
         return logp, np.concatenate([h2.numpy(), h[:, d:d + 2], hist], axis=1), c2.numpy()
 
     def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -305,7 +308,7 @@ def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progres
                 nll_of[k][i] = float(nll[b])
             hist = histories(seqs, pairs_bt, bank.history)
             before = np.array([number[chunk[b]] for b, _ in pairs_bt], dtype=np.int64)
-            lp_w = bank.mix(lp_w, rows[bi].numpy(), hist, before)
+            lp_w = bank.mix(lp_w, rows[bi].numpy(), hist, before, H[bi, ti].numpy())
             h_w = np.concatenate([H[bi, ti].numpy(), rows[bi].numpy()[:, None].astype(np.float32),
                                   before[:, None].astype(np.float32), hist.astype(np.float32)], axis=1)
             c_w = C[bi, ti].numpy()

@@ -23,6 +23,7 @@ from keyboard.phrase_cache import save_cache
 from personalization.model import PersonalizedLM
 
 PERSONAL, ADAPTERS, GATE, REPORT, GAINS_PNG = "personal", "adapters", "gate.json", "report.json", "gains.png"
+SENTINEL = "sentinel.npz"  # the cache sentinel shared by all users (keyboard/sentinel.py)
 CACHES = "caches"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}$")
 

@@ -152,6 +152,14 @@ def _regions(run_dir: Path) -> dict[str, str]:
     return {u: shards.region(u) for u in shards.all_users()}
 
 
+def shipped_sentinel(run_dir: Path) -> Path | None:
+    """The run's cache sentinel (personalize's), shipped beside any phrase cache; None if it has none."""
+    from personalization.store import PERSONAL, SENTINEL
+
+    path = run_dir / PERSONAL / SENTINEL
+    return path if path.is_file() else None
+
+
 def run(args: argparse.Namespace) -> None:
     """Export, check parity on the test split, print sizes and agreement."""
     from fedkey import pipeline as P
@@ -175,7 +183,7 @@ def run(args: argparse.Namespace) -> None:
     respellings = {u: gate.get(u, {}).get("respell") or {} for u in adapters}
     with bar(not args.no_progress, "exporting fp32 + int8 ONNX", None):
         man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant), lexicon, respellings,
-                           shipped_caches(run_dir, list(adapters), gate))
+                           shipped_caches(run_dir, list(adapters), gate), shipped_sentinel(run_dir))
     fp32_b, int8_b = man["files"][FP32]["bytes"], man["files"][INT8]["bytes"]
     res = {"bundle": str(out), "model": str(model_dir), "fp32_bytes": fp32_b, "int8_bytes": int8_b,
            "int8_ratio": int8_b / fp32_b, "users": {u: r for u, (_, r) in adapters.items()},
