@@ -293,13 +293,14 @@ def _exact_val(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.T
     return out
 
 
-def _gate_cache(u: UserData, cfg: PersonalConfig) -> PhraseCache:
-    """The user's cache as of their validation slice: their earlier messages, then (cache_learn) each validation
-    message learned once sent."""
-    # learning, the device also has the validation messages older than the slice judged (u.val: the latest)
-    before = len(u.history) - (len(u.val) if cfg.cache_learn else u.n_val_messages)
+def gate_cache(u: UserData, cfg: PersonalConfig, judged: list[list[int]] | None = None) -> PhraseCache:
+    """The user's cache as of their validation slice: their earlier messages, then (cache_learn) each message
+    judged (the latest of the slice; default u.val) learned once sent."""
+    judged = u.val if judged is None else judged
+    # learning, the device also has the validation messages older than the ones judged
+    before = len(u.history) - (len(judged) if cfg.cache_learn else u.n_val_messages)
     cache = PhraseCache.build(u.history[:before], cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
-    return ReplayCache.replay(cache, u.val) if cfg.cache_learn else cache
+    return ReplayCache.replay(cache, judged) if cfg.cache_learn else cache
 
 
 def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
@@ -368,7 +369,7 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
     # the phrase cache is judged as the user would get it on their validation slice: built from the
     # messages before it (the kept cache is built from all train messages),
     # messages before it, learning each validation message once sent when the runtime would (cache_learn)
-    gate_caches = [_gate_cache(u, cfg) if cfg.cache_order > 1 and u.val else None for u in users]
+    gate_caches = [gate_cache(u, cfg) if cfg.cache_order > 1 and u.val else None for u in users]
     rows_of = [[(b, t) for b, s in enumerate(u.val) for t in range(len(s) - 1)] for u in users]
     hists = [(histories(u.val, rows, cfg.cache_order - 1), np.array([b for b, _ in rows], dtype=np.int64))
              for u, rows in zip(users, rows_of)] if cfg.cache_order > 1 else None

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from keyboard.model import KeyboardLM
-from keyboard.phrase_cache import PhraseCache, ReplayCache, histories, mix_logp
+from keyboard.phrase_cache import histories, mix_logp
 from keyboard.sentinel import Sentinel, features
-from personalization.batched import base_features
+from personalization.batched import base_features, gate_cache
 from personalization.config import PersonalConfig
 from personalization.data import UserData
 
@@ -32,9 +32,7 @@ def user_changes(base: KeyboardLM, u: UserData, cfg: PersonalConfig, starts: np.
     if not nv or cfg.cache_order < 2:
         return X, y
     val = u.history[len(u.history) - nv:]
-    cache = PhraseCache.build(u.history[:len(u.history) - nv], cfg.cache_order, cfg.cache_lam, cfg.cache_m0,
-                              cfg.cache_max_pieces)
-    cache = ReplayCache.replay(cache, val) if cfg.cache_learn else cache
+    cache = gate_cache(u, cfg, val)
     E, ob = base.embed.weight.detach(), base.out_bias.detach()
     for b, (s, f) in enumerate(zip(val, base_features(base, val))):
         with torch.inference_mode():
