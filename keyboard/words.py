@@ -112,6 +112,12 @@ class PieceTable:
         return out, joined
 
 
+def one_piece_word(seq: list[int], t: int, starts: np.ndarray, cont: np.ndarray) -> bool:
+    """Whether seq[t + 1] is a whole word of one piece: it starts a word and the piece after it does not continue
+    it (`starts`, `cont`: (vocab,) bool masks of a PieceTable's start and continuation pieces)."""
+    return bool(starts[seq[t + 1]]) and not (t + 2 < len(seq) and cont[seq[t + 2]])
+
+
 def split_typed(text: str) -> tuple[str, str, bool]:
     """Split typed text into (context, partial word being typed, whether the word starts after a space)."""
     m = re.search(r"\w+(?:'\w*)*$", text)

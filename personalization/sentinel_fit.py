@@ -17,6 +17,7 @@ import torch
 from keyboard.model import KeyboardLM
 from keyboard.phrase_cache import histories, mix_logp
 from keyboard.sentinel import Sentinel, features
+from keyboard.words import one_piece_word
 from personalization.batched import base_features, gate_cache
 from personalization.config import PersonalConfig
 from personalization.data import UserData
@@ -42,8 +43,7 @@ def user_changes(base: KeyboardLM, u: UserData, cfg: PersonalConfig, starts: np.
         mixed = mix_logp(lp, [cache] * len(rows), hist, np.full(len(rows), b))
         for t in range(len(s) - 1):
             target, new, old = s[t + 1], int(mixed[t].argmax()), int(lp[t].argmax())
-            one_piece = starts[target] and not (t + 2 < len(s) and cont[s[t + 2]])
-            if new == old or not one_piece or target not in (new, old):
+            if new == old or target not in (new, old) or not one_piece_word(s, t, starts, cont):
                 continue
             h = [int(x) for x in hist[t] if x >= 0]
             X.append(features(f[t].numpy(), lp[t], mixed[t], cache.longest(h, b), starts))

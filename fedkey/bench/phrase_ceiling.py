@@ -29,6 +29,7 @@ import numpy as np
 from fedkey.io import save_figure, write_json
 from fedkey.progress import bar
 from fedkey.tables import console
+from keyboard.words import one_piece_word
 
 if TYPE_CHECKING:
     from personalization.config import PersonalConfig
@@ -103,8 +104,8 @@ def _tally(out: dict[str, int], key: str, s: list[int], starts: np.ndarray, cont
     only when `shipped` is given; the dynamic arms only with `dlogp`, the dynamic model's log-probabilities)."""
     logp = _logp(base, s)
     for t, y in enumerate(s[1:]):
-        if not starts[y] or (t + 2 < len(s) and cont[s[t + 2]]):
-            continue  # not a one-piece word
+        if not one_piece_word(s, t, starts, cont):
+            continue
         hist, p = s[:t + 1], np.exp(logp[t])
         out[key + "words"] += 1
         out[key + "global"] += _right(p, y)
