@@ -8,10 +8,11 @@ eval_test.json and eval_heldout_test.json (final evaluation with the [eval] sett
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
-import time
 from pathlib import Path
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +27,13 @@ from fl_core.config import FleetConfig, FLConfig
 from fl_core.params import ParamSpec
 from fl_core.simulation import Simulation
 
+if TYPE_CHECKING:
+    from data.shards import Shards
+    from fl_core.aggregate import Aggregator
+    from fl_core.privacy.config import PrivacyConfig
+    from keyboard.model import KeyboardLM
+    from keyboard.tokenizer import Tokenizer
+
 FL = "fl"
 HISTORY = "history.jsonl"
 PRETRAIN = "public_pretrain"
@@ -33,14 +41,16 @@ PRETRAIN = "public_pretrain"
 TZ = {"US": (-5.0, -6.0, -7.0, -8.0), "GB": (0.0,)}
 
 
-def region_time_zones(shards, users: list[str], seed: int) -> np.ndarray:
+def region_time_zones(shards: Shards, users: list[str], seed: int) -> np.ndarray:
     """A UTC offset per user from their region (seeded), so availability follows real day/night."""
     rng = np.random.default_rng([seed, 7300])
     return np.array([rng.choice(TZ.get(shards.region(u), (0.0,))) for u in users], dtype=np.float64)
 
 
 def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: FleetConfig, out_dir: Path,
-                     aggregator=None, evaluate=None, progress: bool = False) -> tuple[Simulation, Any, Any]:
+                     aggregator: Aggregator | None = None,
+                     evaluate: Callable[[int, torch.Tensor], dict[str, Any]] | None = None,
+                     progress: bool = False) -> tuple[Simulation, KeyboardLM, Tokenizer]:
     """The simulation over the run's training users, its model template and the tokenizer."""
     from fedkey.fl_task import KeyboardTask
     from keyboard.model import KeyboardLM
@@ -65,7 +75,7 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
     return sim, model, tok
 
 
-def pretrain_on_public(model, pub: list[list[int]], fcfg: FLConfig, out_dir: Path, progress: bool = False) -> dict:
+def pretrain_on_public(model: KeyboardLM, pub: list[list[int]], fcfg: FLConfig, out_dir: Path, progress: bool = False) -> dict:
     """Train the server's starting model on public users' text (never a training user's), resumably.
 
     Gboard's federated models start from a server-pretrained one; a good start saves the many
@@ -87,7 +97,7 @@ def pretrain_on_public(model, pub: list[list[int]], fcfg: FLConfig, out_dir: Pat
 class QuickEval:
     """Cheap evaluation during training: a seeded sample of word positions of the test splits."""
 
-    def __init__(self, run_dir: Path, model, tok, positions: int, seed: int = 0) -> None:
+    def __init__(self, run_dir: Path, model: KeyboardLM, tok: Tokenizer, positions: int, seed: int = 0) -> None:
         from keyboard.evaluate import Message
 
         shards, _ = load_prepared(run_dir)
@@ -119,7 +129,7 @@ def write_history(out: Path, history: list[dict[str, Any]]) -> None:
 
 def fl_stage(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: FleetConfig, ecfg: C.EvalConfig,
              resume: bool = False, progress: bool = True, out_name: str = FL, final_eval: bool = True,
-             aggregator=None, privacy=None) -> dict[str, Any]:
+             aggregator: Aggregator | None = None, privacy: PrivacyConfig | None = None) -> dict[str, Any]:
     """Federated training of the keyboard model (skipped when already done with these settings).
 
     `privacy` (fl_core.privacy.config.PrivacyConfig): DP, secure and robust aggregation options.

@@ -16,6 +16,7 @@ BOS, and the output layer is computed only at real target positions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,10 @@ from fl_core.lane_ops import lane_lstm
 from keyboard.batches import bucketed_order, frame, pad_batch
 from keyboard.model import KeyboardLM
 from keyboard.tokenizer import BOS, PAD
+
+if TYPE_CHECKING:
+    from data.shards import Shards
+    from keyboard.tokenizer import Tokenizer
 
 Batch = list[list[int]]  # framed messages (BOS ... EOS)
 
@@ -71,7 +76,7 @@ def pack_lanes(batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor, to
 class KeyboardTask:
     """ClientTask for KeyboardLM over prepared shards; clients are user ids of `split`."""
 
-    def __init__(self, shards, tok, model: KeyboardLM, batch_size: int, max_messages: int, max_len: int,
+    def __init__(self, shards: Shards, tok: Tokenizer, model: KeyboardLM, batch_size: int, max_messages: int, max_len: int,
                  local_epochs: int = 1, split: str = "train") -> None:
         self.shards, self.tok, self.split = shards, tok, split
         self.template = model

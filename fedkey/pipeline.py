@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedkey import config as C
 from fedkey.errors import FedkeyError
 from fedkey.io import read_json, write_json
 from fedkey.progress import bar
 from fedkey.stages import file_hash, is_done, mark_done, stage_key
+
+if TYPE_CHECKING:
+    from data.shards import Shards
+    from keyboard.tokenizer import Tokenizer
 
 DATA, TOKENIZER, CENTRAL = "data", "tokenizer", "central"
 
@@ -54,7 +58,7 @@ def _token_counts(shards, tok) -> dict[tuple[str, str], int]:
     return out
 
 
-def load_prepared(run_dir: Path):
+def load_prepared(run_dir: Path) -> tuple[Shards, Tokenizer]:
     """Shards and tokenizer of a prepared run, or a one-line error saying to prepare first."""
     from data.shards import Shards
     from keyboard.tokenizer import Tokenizer
@@ -64,14 +68,14 @@ def load_prepared(run_dir: Path):
     return Shards.load(run_dir / DATA), Tokenizer.load(run_dir / TOKENIZER / "tokenizer.model")
 
 
-def encode_split(shards, tok, split: str, max_len: int) -> list[list[int]]:
+def encode_split(shards: Shards, tok: Tokenizer, split: str, max_len: int) -> list[list[int]]:
     """Framed piece ids (BOS ... EOS) of every message in a split."""
     from keyboard.batches import frame
 
     return [frame(ids, max_len) for ids in tok.encode_batch(shards.dataset(split)["text"])]
 
 
-def public_seqs(shards, tok, max_len: int) -> list[list[int]]:
+def public_seqs(shards: Shards, tok: Tokenizer, max_len: int) -> list[list[int]]:
     """Framed messages of the public (tokenizer) users, [] when a run has none."""
     return encode_split(shards, tok, "public_train", max_len) if shards.users("public_train") else []
 

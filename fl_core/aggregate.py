@@ -45,11 +45,17 @@ class Aggregator(Protocol):
     """What the round loop calls; see the module docstring."""
 
     def aggregate(self, updates: Sequence[np.ndarray], weights: Sequence[float],
-                  ids: Sequence[str] | None = None, n_dropped: int = 0) -> AggregateResult: ...
+                  ids: Sequence[str] | None = None, n_dropped: int = 0) -> AggregateResult:
+        """One round's clients' updates (weighted, with their ids and the count of dropouts) into the step."""
+        ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """Whatever the aggregator carries across rounds, for checkpoints."""
+        ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned (resuming a run)."""
+        ...
 
 
 class WeightedMean:

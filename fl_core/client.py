@@ -41,11 +41,17 @@ class ClientData:
 class ClientTask(Protocol):
     """What federated training needs from a task; see the module docstring."""
 
-    def client_data(self, client: str, rng: Any) -> ClientData: ...
+    def client_data(self, client: str, rng: Any) -> ClientData:
+        """The client's local batches for one round (its rng draws the sample)."""
+        ...
 
-    def loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor: ...
+    def loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """Mean loss of one batch under `params`."""
+        ...
 
-    def lane_loss(self, params: dict[str, torch.Tensor], batches: Sequence[Any]) -> torch.Tensor: ...
+    def lane_loss(self, params: dict[str, torch.Tensor], batches: Sequence[Any]) -> torch.Tensor:
+        """Summed loss of one batch per lane, with `params` stacked along a leading lane axis."""
+        ...
 
 
 @dataclass

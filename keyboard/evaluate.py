@@ -118,7 +118,8 @@ def in_chunks(chosen: list[int], ids: list[list[int]], by_msg: dict, flush: Call
             progress(done, len(chosen))
 
 
-def plan(messages: list[Message], tok: Tokenizer, table: PieceTable, cfg: EvalConfig):
+def plan(messages: list[Message], tok: Tokenizer, table: PieceTable, cfg: EvalConfig,
+         ) -> tuple[list[list[int]], dict[int, tuple], list[int], set[int], dict[int, list[_Query]]]:
     """The seeded sample of messages (cfg.max_positions caps its word positions), the KSR sample, and each
     message's queries: (piece ids, parsed words, chosen messages, KSR messages, queries by message)."""
     rng = np.random.default_rng(cfg.seed)

@@ -6,11 +6,13 @@ rows (the beams of a search), with the per-user adapter as inputs so one shared 
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+import logging
 from pathlib import Path
+import tempfile
+from typing import TYPE_CHECKING
+import warnings
 
 import numpy as np
 import onnx
@@ -20,6 +22,10 @@ from torch import nn
 from fedkey.errors import FedkeyError
 from fedkey.io import atomic_write_bytes
 from keyboard.model import KeyboardLM
+
+if TYPE_CHECKING:
+    from keyboard.search import StepBackend
+    from keyboard.tokenizer import Tokenizer
 
 OPSET = 17
 INPUTS = ("ids", "h", "c", "A", "B", "user_bias")
@@ -48,7 +54,8 @@ class StepGraph(nn.Module):
             self.w_proj = nn.Parameter(lstm.weight_hr_l0.t().contiguous().clone())
             self.out_bias = nn.Parameter(model.out_bias.detach().clone())
 
-    def forward(self, ids, h, c, A, B, user_bias):  # noqa: N803 (names of the adapter math)
+    def forward(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor, A: torch.Tensor,  # noqa: N803 (adapter math)
+                B: torch.Tensor, user_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: N803
         """Log-probabilities of the next piece and the new state; f' = f + (f @ A) @ B."""
         H = self.hidden
         x = self.emb_t.index_select(1, ids).t()
@@ -373,8 +380,8 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
     return manifest
 
 
-def measure_parity(model: KeyboardLM, tok, backend, messages: list, positions: int = 2000, seed: int = 0,
-                   ksr_messages: int = 100, progress=None) -> dict:
+def measure_parity(model: KeyboardLM, tok: Tokenizer, backend: StepBackend, messages: list, positions: int = 2000,
+                   seed: int = 0, ksr_messages: int = 100, progress: Callable[[int, int], None] | None = None) -> dict:
     """Top-1 agreement and accuracy of an exported backend against the torch model on the same positions.
 
     Both go through keyboard.evaluate on one seeded sample; the exported graph is stepped one message

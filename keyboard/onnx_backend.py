@@ -6,12 +6,16 @@ No torch on this import path: it runs on devices.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from fedkey.errors import FedkeyError
 from keyboard.tokenizer import BOS
+
+if TYPE_CHECKING:
+    from keyboard.search import StepBackend
 
 
 def make_session(model: bytes | str, threads: int = 1, source: str = "model") -> ort.InferenceSession:
@@ -94,7 +98,7 @@ class StepCache:
     are one vectorized copy per output instead of one small array per row.
     """
 
-    def __init__(self, backend, capacity: int = 128) -> None:
+    def __init__(self, backend: StepBackend, capacity: int = 128) -> None:
         self.backend, self.capacity = backend, capacity
         self._slot: OrderedDict[tuple, int] = OrderedDict()  # key -> slot, least recently used first
         self._store: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None

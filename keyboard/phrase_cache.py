@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from fedkey.errors import FedkeyError
 from keyboard.adapter_file import read_headed_npz, write_headed_npz
 from keyboard.sentinel import Sentinel, features
 from keyboard.tokenizer import BOS
+
+if TYPE_CHECKING:
+    from keyboard.search import StepBackend
 
 
 @dataclass
@@ -203,7 +207,7 @@ class PhraseCacheBackend:
     stays valid when the cache learns.
     """
 
-    def __init__(self, inner, cache: PhraseCache, sentinel: Sentinel | None = None) -> None:
+    def __init__(self, inner: StepBackend, cache: PhraseCache, sentinel: Sentinel | None = None) -> None:
         self.inner, self.cache, self.sentinel, self.n = inner, cache, sentinel, cache.order - 1
 
     def _mixed(self, out: tuple[np.ndarray, np.ndarray, np.ndarray], hist: np.ndarray):

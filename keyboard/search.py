@@ -17,9 +17,13 @@ from keyboard.words import WORD_RE, Lexicon, PieceTable
 class StepBackend(Protocol):
     """One LSTM step for a batch: piece ids and (h, c) rows in, log-probabilities and new rows out."""
 
-    def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-probabilities (B, V) of the next piece after `ids`, and the new (h, c) rows."""
+        ...
 
-    def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def initial(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The state after BOS for `n` rows: (log-probabilities, h, c)."""
+        ...
 
 
 LEX_MARGIN = 8.0  # nats: a word e^8 (~3000) times less likely than the best one is not suggested with a lexicon

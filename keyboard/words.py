@@ -5,12 +5,17 @@ Everything here is plain Python/NumPy so the on-device runtime can use it withou
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import bisect
 import re
 import unicodedata
 from functools import lru_cache
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from keyboard.tokenizer import Tokenizer
 
 SPACE = "\u2581"
 WORD_RE = re.compile(r"\w+(?:'\w+)*")
@@ -61,7 +66,7 @@ class PieceTable:
         self.compatible = lru_cache(maxsize=65536)(self._compatible)
 
     @classmethod
-    def from_tokenizer(cls, tok) -> "PieceTable":
+    def from_tokenizer(cls, tok: Tokenizer) -> PieceTable:
         """Build from a keyboard Tokenizer (or anything with pieces()/is_byte())."""
         pieces = tok.pieces()
         opaque = [tok.is_byte(i) or (p.startswith("<") and p.endswith(">") and len(p) > 2) for i, p in enumerate(pieces)]

@@ -218,7 +218,8 @@ def _padded(users: list[UserData], feats: list[torch.Tensor], which: str, d: int
 
 
 def step_nll(pos: Positions, ES: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ub: torch.Tensor,
-             weight: torch.Tensor | None = None):
+             weight: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """Per-position NLL (U, T) of the adapted model (exact over the shortlist, first-order tail).
 
     With `weight` (U, T), also the gradients of sum(weight * nll) w.r.t. A, B and ub and the weighted

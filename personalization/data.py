@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
+import math
+from typing import TYPE_CHECKING
 
 from keyboard.batches import frame
+
+if TYPE_CHECKING:
+    from data.shards import Shards
+    from keyboard.tokenizer import Tokenizer
 
 
 @dataclass
@@ -61,7 +66,7 @@ def split_user(user: str, region: str, ids: list[list[int]], val_frac: float, ma
                     n_val_messages=nv)
 
 
-def load_users(shards, tok, users: list[str], val_frac: float, max_len: int, max_train_tokens: int,
+def load_users(shards: Shards, tok: Tokenizer, users: list[str], val_frac: float, max_len: int, max_train_tokens: int,
                max_val_tokens: int, split: str = "train") -> list[UserData]:
     """UserData for each user from a prepared train split (the test splits are never read here)."""
     if "test" in split:

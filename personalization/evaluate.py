@@ -10,9 +10,10 @@ selection, queries and the tally are keyboard.evaluate's own, so with no adapter
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
+import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from keyboard.torch_backend import lstm_cell
 from keyboard.words import WORD_RE, PieceTable, normalize, respell
 from keyboard.phrase_cache import PhraseCache, ReplayCache, histories, mix_logp
 from keyboard.sentinel import Sentinel
+
+if TYPE_CHECKING:
+    from keyboard.ngram import BackoffNgram
 
 
 class AdapterBank:
@@ -173,7 +177,7 @@ def evaluate_users(
     cfg: EvalConfig,
     pairs: dict[str, str] | None = None,
     train_words: dict[str, set[str]] | None = None,
-    ngram=None,
+    ngram: BackoffNgram | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """One evaluate() object per bank (each message's user gets their adapter from that bank), on one sample."""

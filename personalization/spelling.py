@@ -13,16 +13,22 @@ unrelated words, and so is a short first piece ("▁the" of "theatre", "▁mu" o
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from keyboard.tokenizer import Tokenizer
+    from personalization.config import PersonalConfig
+    from personalization.data import UserData
 
 MIN_PIECE_CHARS = 4  # a first piece shorter than this starts too many unrelated words
 MIN_PIECE_SHARE = 0.6  # ... and so does one covering less than this share of its word
 
 
-def first_piece(tok, word: str) -> int | None:
+def first_piece(tok: Tokenizer, word: str) -> int | None:
     """The word's first piece, if it is specific to the word: the whole word, or a long share of it."""
     ids = tok.encode(word)
     if not ids:
@@ -64,7 +70,7 @@ def preferences(counts: Counter, pairs: dict[str, str], min_words: int,
     return typed
 
 
-def spelling_bias(prefs: list[tuple[str, str]], tok, out_bias: np.ndarray, penalty: float,
+def spelling_bias(prefs: list[tuple[str, str]], tok: Tokenizer, out_bias: np.ndarray, penalty: float,
                   max_lift: float, cache: dict[str, tuple] | None = None) -> dict[int, float]:
     """Bias entries {piece: nats} of the preferences: the other variant's first piece down by `penalty`,
     the own variant's up by log(1 + p(other) / p(own)) under the base's unigram bias (at most `max_lift`)."""
@@ -92,7 +98,8 @@ def spelling_bias(prefs: list[tuple[str, str]], tok, out_bias: np.ndarray, penal
     return out
 
 
-def attach_spelling(users: list, tok, out_bias: np.ndarray, pairs: dict[str, str], cfg) -> None:
+def attach_spelling(users: list[UserData], tok: Tokenizer, out_bias: np.ndarray, pairs: dict[str, str],
+                    cfg: PersonalConfig) -> None:
     """Set each UserData's `spelling` bias entries from the words of their train messages."""
     cache: dict[str, tuple] = {}
     for u in users:

@@ -91,6 +91,7 @@ class KeyboardApp(App):
         self.learned = 0  # sent lines the profile's phrase cache took
 
     def compose(self) -> ComposeResult:
+        """The profile picker, the text, the suggestion bar, the global comparison, status and help."""
         options = [("global model", GLOBAL)] + [
             (profile_label(u, r), u) for u, r in sorted(self.engine.profiles(), key=lambda ur: (ur[1], ur[0]))]
         self._profile_values = [v for _, v in options]
@@ -105,12 +106,14 @@ class KeyboardApp(App):
         yield Static(HELP, id="help")
 
     def on_mount(self) -> None:
+        """Show the model, focus the text and ask for the first suggestions."""
         self.query_one(StatusLine).model = model_label(self.engine)
         self.text_area.focus()
         self.request()
 
     @property
     def text_area(self) -> TextArea:
+        """The text being typed."""
         return self.query_one("#text", TextArea)
 
     def before_cursor(self) -> str:
@@ -144,6 +147,7 @@ class KeyboardApp(App):
             self.post_message(self.Predicted(found))
 
     def on_keyboard_app_predicted(self, message: Predicted) -> None:
+        """Show an answer unless a newer keystroke has asked since."""
         p = message.prediction
         if not self.suggester.is_current(p.ticket):
             return  # a newer keystroke's answer is on its way
@@ -152,12 +156,14 @@ class KeyboardApp(App):
         self.latencies.append(p.latency_ms)
 
     def on_keyboard_app_failed(self, message: Failed) -> None:
+        """Say what failed and fall back to the profile that works."""
         self.notify(message.error, severity="error", timeout=8)
         self.query_one("#profile", Select).value = self.engine.profile or GLOBAL  # back to what works
 
     # typing and taking words
 
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
+        """Count the keystroke, learn a line sent with Enter and ask again."""
         if self._own_edits:  # each edit posts exactly one Changed, in order
             self._own_edits -= 1
         else:
@@ -177,6 +183,7 @@ class KeyboardApp(App):
             self.post_message(self.Failed(str(e)))
 
     def on_text_area_selection_changed(self, event: TextArea.SelectionChanged) -> None:
+        """A moved cursor has new text before it: ask again."""
         self.request()
 
     def action_take(self, slot: int) -> None:
@@ -192,6 +199,7 @@ class KeyboardApp(App):
         ta.focus()
 
     def on_suggestion_bar_chosen(self, message: SuggestionBar.Chosen) -> None:
+        """A clicked suggestion is taken like its key."""
         self.action_take(message.slot)
 
     # profiles
@@ -203,10 +211,12 @@ class KeyboardApp(App):
         select.value = values[(values.index(select.value) + 1) % len(values)]
 
     def on_select_changed(self, event: Select.Changed) -> None:
+        """Switch to the picked profile and return to typing."""
         self.profile = event.value or None
         self.text_area.focus()
 
     def watch_profile(self) -> None:
+        """Another profile suggests differently: ask again."""
         self.request()
 
     def summary(self) -> dict:

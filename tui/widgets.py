@@ -38,9 +38,11 @@ class SuggestionSlot(Static):
         self.border_title = SLOT_KEYS[slot] + (" / Tab" if slot == 0 else "")
 
     def watch_word(self, word: str) -> None:
+        """Show the new word (a blank keeps the slot's height)."""
         self.update(word or " ")
 
     def on_click(self) -> None:
+        """Take this slot's word."""
         if self.word:
             self.post_message(SuggestionBar.Chosen(self.slot))
 
@@ -62,10 +64,12 @@ class SuggestionBar(Horizontal):
             self.slot = slot
 
     def compose(self) -> ComposeResult:
+        """One slot per suggestion."""
         for i in range(SLOTS):
             yield SuggestionSlot(i)
 
     def watch_words(self, words: tuple[str, ...]) -> None:
+        """Fill the slots in order, blanking the rest."""
         for i, slot in enumerate(self.query(SuggestionSlot)):
             slot.word = words[i] if i < len(words) else ""
 
@@ -80,6 +84,7 @@ class CompareLine(Static):
     global_words: reactive[tuple[str, ...] | None] = reactive(None)
 
     def render(self) -> str:
+        """The global model's words for the same text, or a hint when none."""
         if self.global_words is None:
             return "global model; F4 switches to a user's personalized profile"
         return "same text, global model: " + " · ".join(self.global_words)
@@ -97,6 +102,7 @@ class StatusLine(Static):
     model: reactive[str] = reactive("")
 
     def render(self) -> str:
+        """Latency, model and keystrokes saved, on one line."""
         lat = "--" if self.latency_ms is None else f"{self.latency_ms:.1f}"
         t = self.typing
         return (f"latency {lat} ms/key │ {self.model} │ "

@@ -10,22 +10,26 @@ so its memory is measured the same way as Flower's trees.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import replace
 import json
 import os
+from pathlib import Path
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedkey import config as C
 from fedkey.errors import FedkeyError
 from fedkey.io import read_json, save_figure, write_json
 from fedkey.tables import console
+
+if TYPE_CHECKING:
+    from fl_core.flower.job import Job
 
 KEYS = ("local_round_s", "flower_sim_round_s", "flower_deploy_round_s", "compute_floor_round_s",
         "flower_sim_total_s", "local_total_s", "local_peak_mib", "flower_sim_peak_mib")
@@ -51,7 +55,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 class TreeMemory:
     """Samples the PSS of process trees in a thread; `.peak` in MiB, `.procs` the most processes seen."""
 
-    def __init__(self, roots, period_s: float = 0.25) -> None:
+    def __init__(self, roots: Callable[[], list[int]], period_s: float = 0.25) -> None:
         self.roots, self.period_s = roots, period_s
         self.peak, self.procs, self.samples = 0.0, 0, []
         self._stop = threading.Event()
@@ -91,7 +95,7 @@ def _round_stats(hist: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- the engines ------------------------------------------------------------------------------------------------
 
-def make_job(args: argparse.Namespace, out_dir: Path):
+def make_job(args: argparse.Namespace, out_dir: Path) -> Job:
     """The shared workload: every engine trains exactly this."""
     from fl_core.config import FleetConfig, FLConfig
     from fl_core.flower.job import Job

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from pathlib import Path
 import statistics
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +15,9 @@ from fedkey.errors import FedkeyError
 from fedkey.io import save_figure, write_json
 from fedkey.progress import bar
 from fedkey.tables import console
+
+if TYPE_CHECKING:
+    from keyboard.predictor import Predictor
 
 TARGETS = {"p50_ms": 1.0, "p99_ms": 5.0, "load_ms": 300.0}
 
@@ -54,7 +59,8 @@ def _messages(args: argparse.Namespace) -> list[str]:
     return [texts[i] for i in sorted(pick)]
 
 
-def replay(pred, messages: list[str], update=None) -> tuple[list[float], list[float]]:
+def replay(pred: Predictor, messages: list[str], update: Callable[[int], None] | None = None,
+           ) -> tuple[list[float], list[float]]:
     """Per-keystroke wall and CPU time (ms) of suggest() while each message is typed from its first character on.
 
     With one intra-op thread onnxruntime computes on the calling thread, so the thread's CPU time is the

@@ -33,6 +33,7 @@ from keyboard.words import one_piece_word
 
 if TYPE_CHECKING:
     from personalization.config import PersonalConfig
+    from keyboard.model import KeyboardLM
 
 ARMS = ("cache", "cache_learning", "oracle")
 DYNAMIC_ARMS = ("dynamic", "dynamic_cache")
@@ -119,7 +120,7 @@ def _tally(out: dict[str, int], key: str, s: list[int], starts: np.ndarray, cont
             out[key + "dynamic_cache"] += _right(learning.mix_row(q.copy(), hist), y)
 
 
-def user_counts(base, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarray, train: list[list[int]],
+def user_counts(base: KeyboardLM, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarray, train: list[list[int]],
                 test: list[list[int]], dynamic_lr: float = 0.0, dynamic_pre: int = 300) -> dict[str, int]:
     """Right top-1 words of the global model and of each arm over one user's framed test messages; with
     dynamic_lr > 0 the dynamic-evaluation arms too, and each learning arm's record over the latest

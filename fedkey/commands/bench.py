@@ -14,7 +14,7 @@ def _benches() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(fedkey.bench.__path__) if not m.name.startswith("_"))
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand with one nested subcommand per benchmark."""
     p = add_parser(sub, "bench", "Benchmarks; speed and memory targets live here, never in unit tests.")
     inner = p.add_subparsers(dest="what", required=True, metavar="WHAT")

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich_argparse import RichHelpFormatter
 
 
-def add_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand parser with rich help."""
     return sub.add_parser(name, help=help, description=help, formatter_class=RichHelpFormatter)
 

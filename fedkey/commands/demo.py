@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedkey.commands.common import add_parser
 from fedkey.errors import FedkeyError
 
+if TYPE_CHECKING:
+    from tui.app import KeyboardApp
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand."""
     p = add_parser(sub, "demo", "Type in a terminal keyboard and see the on-device model's suggestions, "
                                 "for the global model or a user's personalized profile.")
@@ -29,7 +33,7 @@ def bundle_dir(args: argparse.Namespace) -> Path:
     return bundle
 
 
-def make_app(args: argparse.Namespace):
+def make_app(args: argparse.Namespace) -> KeyboardApp:
     """The app over the bundle's int8 model (no torch on this path), starting on --user's profile."""
     from keyboard.runtime import load_bundle
     from tui.app import KeyboardApp

@@ -11,7 +11,7 @@ from fedkey.commands.common import add_common, add_parser
 from fedkey.tables import print_eval
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand."""
     p = add_parser(sub, "evaluate", "Top-1/top-3, perplexity, KSR and regional-variant accuracy of a model on a split.")
     add_common(p)

@@ -14,7 +14,7 @@ from fedkey.tables import console
 PERSONAL, GATE, ADAPTERS = "personal", "gate.json", "adapters"
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand."""
     p = add_parser(sub, "export", "Export the model as an on-device bundle (fp32 and int8 ONNX) and check int8 parity.")
     add_common(p, preset=False)

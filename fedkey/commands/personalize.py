@@ -11,7 +11,7 @@ from fedkey.tables import console
 from personalization.config import PersonalConfig
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand."""
     p = add_parser(sub, "personalize", "Train a small adapter per user on their own train text (global model frozen), "
                    "keep it only where the user's validation slice improves, and compare with the global model.")

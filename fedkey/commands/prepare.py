@@ -11,7 +11,7 @@ from fedkey.io import write_json
 from fedkey.tables import console, dataset_table
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand."""
     p = add_parser(sub, "prepare", "Corpus -> per-user shards (temporal split, held-out users, British users) and the tokenizer.")
     add_common(p, preset=False)

@@ -46,7 +46,7 @@ def stages(run_dir: Path) -> list[Stage]:
     ]
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand."""
     p = add_parser(sub, "run", "The main job: prepare -> centralized baseline -> federated training -> "
                                "personalization -> export -> report (finished stages are skipped).")

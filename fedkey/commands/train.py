@@ -12,7 +12,7 @@ from fedkey.tables import console, metrics_table
 from fl_core.config import FleetConfig, FLConfig
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand."""
     p = add_parser(sub, "train", "Federated training: each round sampled users train locally; the server averages.")
     add_common(p)

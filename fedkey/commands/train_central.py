@@ -11,7 +11,7 @@ from fedkey.io import write_json
 from fedkey.tables import console
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the subcommand."""
     p = add_parser(sub, "train-central", "Train the centralized baseline on every training user's train split.")
     add_common(p)

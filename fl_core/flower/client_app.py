@@ -10,9 +10,10 @@ Messages it answers:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
-import time
 from pathlib import Path
+import time
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,7 @@ def _train(context: Context, ins: TrainIns) -> tuple[Job, Simulation, list]:
     return job, sim, train_users(sim.task, sim.spec, job.fl, sim.codec, _store(context, data_dir), ins)
 
 
-def maybe_secagg(msg: Message, context: Context, call_next) -> Message:
+def maybe_secagg(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Route SecAgg+ protocol messages through Flower's secaggplus_mod; plain ones straight through."""
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)

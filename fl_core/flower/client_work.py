@@ -10,6 +10,8 @@ encoded by `fl_core.compress.Codec` with the generator (seed, 7200, round, idx).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -23,8 +25,11 @@ from fl_core.params import ParamSpec
 from fl_core.simulation import LOCAL, RESIDUAL
 from fl_core.store import ClientStore
 
+if TYPE_CHECKING:
+    from fl_core.client import ClientTask
 
-def train_users(task, spec: ParamSpec, cfg: FLConfig, codec: Codec, store: ClientStore, ins: TrainIns) -> list[UserReport]:
+
+def train_users(task: ClientTask, spec: ParamSpec, cfg: FLConfig, codec: Codec, store: ClientStore, ins: TrainIns) -> list[UserReport]:
     """Train the users named in `ins` from its global parameters; one report per user, in `ins` order."""
     r, g = ins.round, ins.global_shared
     init_local = ins.init_local if spec.n_total > spec.n_shared else None

@@ -7,16 +7,17 @@ tests and `fedkey bench engines`. Every process runs in its own session; `stop()
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 import json
 import os
+from pathlib import Path
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -234,7 +235,7 @@ class Federation:
         return subprocess.run([_bin("flwr"), *args], env=self._env(), cwd=self.workdir, capture_output=True,
                               text=True, timeout=timeout)
 
-    def register_nodes(self, which) -> None:
+    def register_nodes(self, which: Iterable[int]) -> None:
         """Register these SuperNodes' public keys with the SuperLink (only registered nodes may connect)."""
         assert self.creds
         # one `flwr` CLI call each (it is the documented interface), run side by side: each is mostly start-up

@@ -10,11 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fedkey import config as C
 from fedkey.errors import FedkeyError
 from fl_core.config import FleetConfig, FLConfig
+
+if TYPE_CHECKING:
+    from fl_core.simulation import Simulation
+    from keyboard.model import KeyboardLM
+    from keyboard.tokenizer import Tokenizer
 
 
 @dataclass
@@ -69,7 +74,7 @@ def _build(cls: type, sections: Mapping[str, Any]) -> Any:
 
 
 def build_simulation(job: Job, data_dir: Path | None = None, population: list[str] | None = None,
-                     evaluate: bool = False):
+                     evaluate: bool = False) -> tuple[Simulation, KeyboardLM, Tokenizer]:
     """fedkey's in-process engine for this job (fedkey.fl_stage.build_simulation: same seed, model, task).
 
     The ServerApp keeps the global state in it (state, token count, history, checkpoints in fl_core's

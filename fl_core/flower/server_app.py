@@ -12,10 +12,11 @@ Outputs in `out-dir` (on the SuperLink machine): `checkpoint.pt` after every rou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import math
-import time
 from pathlib import Path
+import time
 from typing import Any
 
 import numpy as np
@@ -135,17 +136,22 @@ class SecAggStrategy(Strategy):
             self.mean = parameters_to_ndarrays(results[0][1].parameters)[0]
         return (results[0][1].parameters if results else None), {}
 
-    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: D102 - no federated eval
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list:
+        """No federated evaluation: fedkey evaluates the global model itself."""
         return []
 
-    def aggregate_evaluate(self, server_round, results, failures):  # noqa: D102
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        """Nothing to aggregate (no federated evaluation)."""
         return None, {}
 
-    def evaluate(self, server_round, parameters):  # noqa: D102
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        """No server-side evaluation through Flower."""
         return None
 
 
-def run_secagg_rounds(grid: Grid, context: Context, driver: RoundDriver, holder, on_round) -> None:
+def run_secagg_rounds(grid: Grid, context: Context, driver: RoundDriver, holder: Callable[[int], int] | None,
+                      on_round: Callable[[dict[str, Any]], None]) -> None:
     """fedkey's rounds with Flower's SecAgg+ doing the aggregation (plain weighted mean of node means)."""
     job, sim = driver.job, driver.sim
     strategy = SecAggStrategy(grid, context.run_id)

@@ -16,8 +16,12 @@ the engine actually used:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedkey.errors import FedkeyError
+
+if TYPE_CHECKING:
+    from dp_accounting.dp_event import DpEvent
 
 SAMPLINGS = ("poisson", "uniform", "none")
 METHODS = ("rdp", "pld")
@@ -66,7 +70,7 @@ class PrivacyAccountant:
         if not 0 < self.delta < 1:
             raise FedkeyError(f"DP: delta must be in (0, 1), got {self.delta}")
 
-    def event(self, rounds: int):
+    def event(self, rounds: int) -> DpEvent:
         """The dp-accounting event of `rounds` rounds."""
         from dp_accounting import dp_event as E
 
