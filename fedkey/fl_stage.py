@@ -8,10 +8,10 @@ eval_test.json and eval_heldout_test.json (final evaluation with the [eval] sett
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import json
-from pathlib import Path
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -75,7 +75,8 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
     return sim, model, tok
 
 
-def pretrain_on_public(model: KeyboardLM, pub: list[list[int]], fcfg: FLConfig, out_dir: Path, progress: bool = False) -> dict:
+def pretrain_on_public(model: KeyboardLM, pub: list[list[int]], fcfg: FLConfig, out_dir: Path,
+                       progress: bool = False) -> dict:
     """Train the server's starting model on public users' text (never a training user's), resumably.
 
     Gboard's federated models start from a server-pretrained one; a good start saves the many

@@ -76,8 +76,8 @@ def pack_lanes(batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor, to
 class KeyboardTask:
     """ClientTask for KeyboardLM over prepared shards; clients are user ids of `split`."""
 
-    def __init__(self, shards: Shards, tok: Tokenizer, model: KeyboardLM, batch_size: int, max_messages: int, max_len: int,
-                 local_epochs: int = 1, split: str = "train") -> None:
+    def __init__(self, shards: Shards, tok: Tokenizer, model: KeyboardLM, batch_size: int, max_messages: int,
+                 max_len: int, local_epochs: int = 1, split: str = "train") -> None:
         self.shards, self.tok, self.split = shards, tok, split
         self.template = model
         self.batch_size, self.max_messages, self.max_len, self.epochs = batch_size, max_messages, max_len, local_epochs

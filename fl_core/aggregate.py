@@ -46,7 +46,7 @@ class Aggregator(Protocol):
 
     def aggregate(self, updates: Sequence[np.ndarray], weights: Sequence[float],
                   ids: Sequence[str] | None = None, n_dropped: int = 0) -> AggregateResult:
-        """One round's clients' updates (weighted, with their ids and the count of dropouts) into the step."""
+        """The one averaged update the server applies, from a round's client updates (see the module docstring)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:

@@ -42,7 +42,7 @@ class ClientTask(Protocol):
     """What federated training needs from a task; see the module docstring."""
 
     def client_data(self, client: str, rng: Any) -> ClientData:
-        """The client's local batches for one round (its rng draws the sample)."""
+        """The client's batches for one round: a fresh sample of its data, drawn with `rng`."""
         ...
 
     def loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -50,7 +50,7 @@ class ClientTask(Protocol):
         ...
 
     def lane_loss(self, params: dict[str, torch.Tensor], batches: Sequence[Any]) -> torch.Tensor:
-        """Summed loss of one batch per lane, with `params` stacked along a leading lane axis."""
+        """Per-lane mean loss of L clients at once (one batch each), `params` stacked along a leading lane axis."""
         ...
 
 

@@ -6,13 +6,13 @@ rows (the beams of a search), with the per-user adapter as inputs so one shared 
 
 from __future__ import annotations
 
+import logging
+import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-import logging
 from pathlib import Path
-import tempfile
 from typing import TYPE_CHECKING
-import warnings
 
 import numpy as np
 import onnx
@@ -54,8 +54,9 @@ class StepGraph(nn.Module):
             self.w_proj = nn.Parameter(lstm.weight_hr_l0.t().contiguous().clone())
             self.out_bias = nn.Parameter(model.out_bias.detach().clone())
 
-    def forward(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor, A: torch.Tensor,  # noqa: N803 (adapter math)
-                B: torch.Tensor, user_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: N803
+    def forward(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+                A: torch.Tensor, B: torch.Tensor,  # noqa: N803 (names of the adapter math)
+                user_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-probabilities of the next piece and the new state; f' = f + (f @ A) @ B."""
         H = self.hidden
         x = self.emb_t.index_select(1, ids).t()

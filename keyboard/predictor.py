@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-import math
 
 import numpy as np
 
@@ -27,8 +27,8 @@ class Predictor:
     re-runs nothing and finishing a word costs one step per new piece.
     """
 
-    def __init__(self, backend: StepBackend, table: PieceTable, encode: Callable[[str], list[int]], beam: int = 6, max_pieces: int = 6,
-                 max_context: int = 256, lexicon: Lexicon | None = None) -> None:
+    def __init__(self, backend: StepBackend, table: PieceTable, encode: Callable[[str], list[int]], beam: int = 6,
+                 max_pieces: int = 6, max_context: int = 256, lexicon: Lexicon | None = None) -> None:
         self.backend, self.table, self.encode = backend, table, encode
         self.lexicon = lexicon  # None: any word the pieces spell
         self.beam, self.max_pieces = beam, max_pieces

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
-import math
 from typing import TYPE_CHECKING
 
 from keyboard.batches import frame

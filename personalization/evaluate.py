@@ -10,9 +10,9 @@ selection, queries and the tally are keyboard.evaluate's own, so with no adapter
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -13,8 +13,8 @@ unrelated words, and so is a short first piece ("▁the" of "theatre", "▁mu" o
 
 from __future__ import annotations
 
-from collections import Counter
 import math
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -10,17 +10,17 @@ so its memory is measured the same way as Flower's trees.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import replace
 import json
 import os
-from pathlib import Path
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedkey import config as C

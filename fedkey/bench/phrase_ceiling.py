@@ -32,8 +32,8 @@ from fedkey.tables import console
 from keyboard.words import one_piece_word
 
 if TYPE_CHECKING:
-    from personalization.config import PersonalConfig
     from keyboard.model import KeyboardLM
+    from personalization.config import PersonalConfig
 
 ARMS = ("cache", "cache_learning", "oracle")
 DYNAMIC_ARMS = ("dynamic", "dynamic_cache")

@@ -10,10 +10,10 @@ Messages it answers:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import json
-from pathlib import Path
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from fl_core.client import ClientTask
 
 
-def train_users(task: ClientTask, spec: ParamSpec, cfg: FLConfig, codec: Codec, store: ClientStore, ins: TrainIns) -> list[UserReport]:
+def train_users(task: ClientTask, spec: ParamSpec, cfg: FLConfig, codec: Codec, store: ClientStore,
+                ins: TrainIns) -> list[UserReport]:
     """Train the users named in `ins` from its global parameters; one report per user, in `ins` order."""
     r, g = ins.round, ins.global_shared
     init_local = ins.init_local if spec.n_total > spec.n_shared else None

@@ -12,11 +12,11 @@ Outputs in `out-dir` (on the SuperLink machine): `checkpoint.pt` after every rou
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import json
 import math
-from pathlib import Path
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
