@@ -28,8 +28,8 @@ def _users(shards, users: list[str] | None, max_users: int) -> list[str]:
     known = set(shards.all_users())
     for u in users:
         if u not in known:
-            raise FedkeyError(f"unknown user {u!r} in {shards.data_dir}; `fedkey personalize --all` lists none, "
-                              "see data/users.json for ids")
+            raise FedkeyError(f"unknown user {u!r} in {shards.data_dir}: pick an id from "
+                              f"{shards.data_dir / 'users.json'}")
         if shards.role(u) not in TRAIN_SPLIT:
             raise FedkeyError(f"user {u!r} is a public user (their text trained the tokenizer); pick a training "
                               "or held-out user")

@@ -76,6 +76,11 @@ def test_default_model_is_the_one_the_adapters_were_trained_on(tmp_path, tiny_mo
         path.unlink()
     save_adapter(run / "personal" / "adapters" / "ann.npz", british_adapter(tiny_model, tiny_tok, fl_base, user="ann"))
     assert default_model(run) == run / "fl"
+    for path in (run / "personal" / "adapters").glob("*.npz"):
+        path.unlink()
+    assert default_model(run) == run / "fl"  # no adapters: the federated model, not the baseline
+    (run / "fl" / "model.pt").unlink()
+    assert default_model(run) == run / "central"
 
 
 def test_shipped_lexicon_keeps_both_spellings_so_a_british_user_can_get_colour():

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "export", "Export the model as an on-device bundle (fp32 and int8 ONNX) and check int8 parity.")
     add_common(p, preset=False)
     p.add_argument("--model", type=Path, help="model folder (default: the model the run's adapters were trained on, "
-                                              "else the centralized model)")
+                                              "else the federated fl/ model, else central/)")
     p.add_argument("--user", nargs="+", metavar="ID", help="ship these users' adapters (default: per region, the "
                                                             "users whose adapter lowered validation loss most)")
     p.add_argument("--per-region", type=int, default=3, help="users per region shipped by default")
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_model(run_dir: Path) -> Path:
-    """The model personalization used (its adapters name it by hash), else the centralized model."""
+    """The model personalization used (its adapters name it by hash), else the federated one, else the centralized."""
     from fedkey.stages import file_hash
     from keyboard.adapter_file import load_adapter
 
@@ -45,7 +45,8 @@ def default_model(run_dir: Path) -> Path:
         for cand in sorted(run_dir.glob("*/model.pt")):
             if file_hash(cand) == base:
                 return cand.parent
-    return run_dir / "central"
+    # the federated model is what this tool ships; the centralized one is only a baseline
+    return run_dir / "fl" if (run_dir / "fl" / "model.pt").is_file() else run_dir / "central"
 
 
 def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_region: int,
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
     run_dir: Path = args.run_dir
     model_dir = args.model or default_model(run_dir)
     if not (model_dir / MODEL_FILE).is_file():
-        raise FedkeyError(f"{model_dir / MODEL_FILE}: no model; train one (`fedkey train-central --run-dir {run_dir}`) "
+        raise FedkeyError(f"{model_dir / MODEL_FILE}: no model; train one (`fedkey train --run-dir {run_dir}`) "
                           "or pass --model")
     out = args.out or run_dir / "export"
     gate = read_gate(run_dir)
