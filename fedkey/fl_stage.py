@@ -124,7 +124,8 @@ class QuickEval:
 
 
 def write_history(out: Path, history: list[dict[str, Any]]) -> None:
-    """history.jsonl, one round per line (rewritten whole, atomically: a resumed run never duplicates a round)."""
+    """history.jsonl, one round per line, as of the last checkpoint (rewritten whole, atomically: a resumed run
+    never duplicates a round)."""
     atomic_write_bytes(out / HISTORY, "".join(json.dumps(h) + "\n" for h in history).encode())
 
 
@@ -163,7 +164,6 @@ def fl_stage(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: FleetCon
         last_acc: list[str] = [""]
 
         def on_round(log: dict[str, Any]) -> None:
-            write_history(out, sim.history)
             if "eval" in log and "test" in log["eval"]:
                 last_acc[0] = f"  top-1 {100 * log['eval']['test']['top1']:.1f}%"
             eps = f"  epsilon {log['epsilon']:.3g}" if "epsilon" in log else ""
@@ -173,7 +173,7 @@ def fl_stage(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: FleetCon
             if private is not None and private.accountant is not None and not progress:
                 print(f"round {log['round']}: {epsilon_line(private)}", flush=True)
 
-        state = sim.run(resume=resume, on_round=on_round)
+        state = sim.run(resume=resume, on_round=on_round, on_checkpoint=lambda: write_history(out, sim.history))
     write_history(out, sim.history)
     sim.spec.load_into(model, sim.full_params())
     h = sim.history

@@ -61,6 +61,11 @@ class FLConfig:
     eval_every: int = _f(10, "evaluate every this many rounds (0: only at the end)")
     eval_positions: int = _f(2000, "word positions sampled for the evaluations during training")
     threads: int = _f(0, "torch threads (0: all cores)")
+    # a checkpoint is the whole server state (params + optimizer moments + history): ~0.1-0.25 s on this
+    # model, more than a small round's training, so it is written by time, not by round
+    checkpoint_every_s: float = _f(30.0, "write the checkpoint (and history.jsonl) once this many seconds have "
+                                         "passed since the last, and after the last round (0: every round); "
+                                         "a resume replays the rounds since, bitwise")
 
     def __post_init__(self) -> None:
         if self.server_opt not in SERVER_OPTS:
@@ -75,6 +80,8 @@ class FLConfig:
             raise FedkeyError(f"[fl].weighting {self.weighting!r}: choose tokens, examples or uniform")
         if self.client_store not in ("memory", "disk"):
             raise FedkeyError(f"[fl].client_store {self.client_store!r}: choose memory or disk")
+        if self.checkpoint_every_s < 0:
+            raise FedkeyError(f"[fl].checkpoint_every_s must be >= 0, got {self.checkpoint_every_s}")
         for name in ("clients_per_round", "local_epochs", "batch_size", "max_messages", "lanes", "max_len"):
             if getattr(self, name) < 1:
                 raise FedkeyError(f"[fl].{name} must be at least 1, got {getattr(self, name)}")

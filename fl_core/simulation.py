@@ -9,10 +9,12 @@ One round, in order:
 5. each update is encoded as it would be sent (int8 / topk with error feedback / float32,
    or not at all when its norm is under the sit-out threshold), then decoded on the server;
 6. the aggregator (default: weighted mean; any `fl_core.aggregate.Aggregator`) averages them
-   and the server optimizer steps; 7. evaluate every K rounds; 8. checkpoint atomically.
+   and the server optimizer steps; 7. evaluate every K rounds.
+After a round, `run` checkpoints atomically once `checkpoint_every_s` has passed (and after the last).
 
 Every random draw is a pure function of (seed, round, client), so `resume=True` after a kill
-reaches bitwise the parameters of an uninterrupted run.
+replays the rounds since the last checkpoint and reaches bitwise the parameters of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from fl_core.store import ClientStore
 
 LOCAL, RESIDUAL = "local", "residual"
 # settings that may change between a run and its resumption without changing its result
-RESUMABLE = {"threads", "eval_every", "eval_positions", "workers"}
+RESUMABLE = {"threads", "eval_every", "eval_positions", "workers", "checkpoint_every_s"}
 
 
 def decay(cfg: FLConfig, tokens: int) -> float:
@@ -97,6 +99,7 @@ class Simulation:
         self.init_local = self.init_params[self.spec.n_shared:].clone()
         self.state = server_init(self.init_params[:self.spec.n_shared], self.cfg)
         self.tokens, self.clock_s, self.up_total, self.down_total = 0, 0.0, 0, 0
+        self._last_checkpoint_s = time.perf_counter()
 
     def selection_weights(self) -> np.ndarray | None:
         """Per-client selection odds: None (uniform), or max(messages, cap) so a client's every message is equally likely to be trained."""
@@ -118,6 +121,16 @@ class Simulation:
             "round": self.state.round, "server": self.state.state_dict(), "aggregator": self.aggregator.state_dict(),
             "store": self.store.state_dict(), "history": self.history, "tokens": self.tokens, "clock_s": self.clock_s,
             "up_total": self.up_total, "down_total": self.down_total, "config": self._config()})
+        self.store.floor = self.state.round
+        self._last_checkpoint_s = time.perf_counter()
+
+    def maybe_checkpoint(self) -> bool:
+        """Checkpoint if `checkpoint_every_s` has passed since the last one or the budget is spent; True if it did."""
+        every = self.cfg.checkpoint_every_s
+        if every > 0 and time.perf_counter() - self._last_checkpoint_s < every and not self.done():
+            return False
+        self.checkpoint()
+        return True
 
     def restore(self) -> bool:
         """Continue from the newest checkpoint in out_dir; False if there is none."""
@@ -134,6 +147,7 @@ class Simulation:
         self.history = list(ck["history"])
         self.tokens, self.clock_s = int(ck["tokens"]), float(ck["clock_s"])
         self.up_total, self.down_total = int(ck["up_total"]), int(ck["down_total"])
+        self.store.floor = self.state.round
         return True
 
     def full_params(self) -> torch.Tensor:
@@ -216,7 +230,6 @@ class Simulation:
             log["eval"] = self.evaluate(r + 1, self.full_params())
         log["wall_s"] = time.perf_counter() - t0
         self.history.append(log)
-        self.checkpoint()
         return log
 
     def train(self, round_: int, used: list[int], data: dict[int, ClientData], lr: float) -> list[ClientUpdate]:
@@ -237,8 +250,11 @@ class Simulation:
                                   local, {"idx": i})
         return [u for u in out if u is not None]
 
-    def run(self, resume: bool = False, on_round: Callable[[dict[str, Any]], None] | None = None) -> ServerState:
-        """Run rounds until the budget is spent (continuing from a checkpoint with resume)."""
+    def run(self, resume: bool = False, on_round: Callable[[dict[str, Any]], None] | None = None,
+            on_checkpoint: Callable[[], None] | None = None) -> ServerState:
+        """Run rounds until the budget is spent (continuing from a checkpoint with resume).
+
+        `on_checkpoint` runs after each checkpoint, e.g. to write logs that must agree with it."""
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         if not (resume and self.restore()):
@@ -246,6 +262,9 @@ class Simulation:
             self.checkpoint()  # round 0: a kill before the first round resumes from the initial model
         while not self.done():
             log = self.run_round()
+            saved = self.maybe_checkpoint()
             if on_round:
                 on_round(log)
+            if saved and on_checkpoint:
+                on_checkpoint()
         return self.state

@@ -1,9 +1,10 @@
 """Per-client state that stays on the device between rounds: FedPer local parameters, error-feedback residuals.
 
-Only clients that have participated have an entry. Each entry keeps its last few versions,
-stamped with the round that wrote them, and a read during round r sees the newest version
-from before r: a round re-run after a crash (or from the previous checkpoint) reads exactly
-what the first attempt read, so resumed runs stay bitwise identical.
+Only clients that have participated have an entry. Each entry keeps its versions stamped with
+the round that wrote them: every version since the run's last checkpoint and the newest one
+before it. A read during round r sees the newest version from before r, so rounds re-run after
+a crash from the last checkpoint read exactly what the first attempt read, and resumed runs stay
+bitwise identical however many rounds a checkpoint is apart.
 
 `memory` keeps entries in RAM (saved inside the run checkpoint); `disk` keeps one small file
 per client and key (written atomically), so RAM does not grow with the population.
@@ -20,17 +21,18 @@ import torch
 
 from fedkey.io import load_torch, save_torch
 
-KEEP_VERSIONS = 3
-
 
 def _versions_before(versions: list[tuple[int, torch.Tensor]], round_: int) -> torch.Tensor | None:
     older = [(r, v) for r, v in versions if r < round_]
     return max(older, key=lambda rv: rv[0])[1] if older else None
 
 
-def _with(versions: list[tuple[int, torch.Tensor]], round_: int, value: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    kept = [(r, v) for r, v in versions if r != round_] + [(round_, value)]
-    return sorted(kept, key=lambda rv: rv[0])[-KEEP_VERSIONS:]
+def _with(versions: list[tuple[int, torch.Tensor]], round_: int, value: torch.Tensor,
+          floor: int) -> list[tuple[int, torch.Tensor]]:
+    kept = sorted([(r, v) for r, v in versions if r != round_] + [(round_, value)], key=lambda rv: rv[0])
+    # a resume replays rounds from `floor` on: they need the newest version before it and nothing older
+    before = [rv for rv in kept if rv[0] < floor]
+    return before[-1:] + [rv for rv in kept if rv[0] >= floor]
 
 
 class ClientStore:
@@ -42,6 +44,7 @@ class ClientStore:
         self.kind = kind
         self.root = Path(root) if root is not None else None
         self._mem: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
+        self.floor = 0  # the round a resume would start from (the last checkpoint's)
 
     def _path(self, client: str, key: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", client)[:64]
@@ -60,7 +63,7 @@ class ClientStore:
 
     def put(self, client: str, key: str, round_: int, value: torch.Tensor) -> None:
         """Store the client's value written during `round_`."""
-        versions = _with(self._versions(client, key), round_, value.detach().clone())
+        versions = _with(self._versions(client, key), round_, value.detach().clone(), self.floor)
         if self.kind == "memory":
             self._mem[(client, key)] = versions
         else:

@@ -80,7 +80,7 @@ def test_resume_after_a_kill_mid_round_is_bitwise_identical(tiny_run, tmp_path):
     # every kind of state a resume must restore: server moments, FedPer parameters and error-feedback
     # residuals on "devices" (disk store), the fleet's clock
     cfg = fl_cfg(max_rounds=4, server_opt="adam", server_lr=0.05, local_params="out_bias", client_store="disk",
-                 compress="topk", topk_frac=0.2)
+                 compress="topk", topk_frac=0.2, checkpoint_every_s=0)
     fleet = fleet_cfg(dropout=0.2, overselect=1.5, availability=True)
     whole = make_sim(tiny_run, tmp_path / "whole", cfg, fleet)
     whole.run()
@@ -103,8 +103,37 @@ def test_resume_after_a_kill_mid_round_is_bitwise_identical(tiny_run, tmp_path):
             assert (x is None and y is None) or torch.equal(x, y)
 
 
+def test_resume_from_a_checkpoint_rounds_behind_replays_them_bitwise(tiny_run, tmp_path):
+    # checkpoints are written by time, so a kill can come many rounds after the last one; the rounds
+    # since are replayed, reading the device state (FedPer parameters, residuals) they read the first time
+    cfg = fl_cfg(max_rounds=12, server_opt="adam", server_lr=0.05, local_params="out_bias",
+                 client_store="disk", compress="topk", topk_frac=0.2, checkpoint_every_s=1e9)
+    whole = make_sim(tiny_run, tmp_path / "whole", cfg)
+    whole.run()
+    assert read_checkpoint(tmp_path / "whole" / NAME)["round"] == 12  # the last round is always checkpointed
+
+    first = make_sim(tiny_run, tmp_path / "killed", cfg)
+    first.checkpoint()
+    for _ in range(3):
+        first.run_round()
+        assert not first.maybe_checkpoint()  # not yet due
+    first.checkpoint()
+    for _ in range(8):  # rounds 4-11 run, write device state, and die before any checkpoint
+        first.run_round()
+    assert read_checkpoint(tmp_path / "killed" / NAME)["round"] == 3
+    stored = [len(first.store._versions(u, LOCAL)) for u in first.population]
+    assert max(stored) >= 4  # a device written in several rounds since keeps all of them and the one before
+
+    resumed = make_sim(tiny_run, tmp_path / "killed", cfg)
+    resumed.run(resume=True)
+    assert torch.equal(resumed.state.params, whole.state.params)
+    for k, v in whole.state.slots.items():
+        assert torch.equal(resumed.state.slots[k], v)
+    assert _strip(resumed.history) == _strip(whole.history)
+
+
 def test_corrupt_checkpoint_is_a_clear_error_and_the_previous_one_is_kept(tiny_run, tmp_path):
-    cfg = fl_cfg(max_rounds=3)
+    cfg = fl_cfg(max_rounds=3, checkpoint_every_s=0)
     sim = make_sim(tiny_run, tmp_path / "run", cfg)
     sim.run()
     ck = tmp_path / "run" / NAME

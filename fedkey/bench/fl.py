@@ -6,7 +6,7 @@ per step; per client for federated). Centralized is the production trainer's ste
 (keyboard.train: nn.LSTM on length-bucketed padded batches, Adam, clipping, all torch
 threads). Federated is the whole engine (fl_core.simulation rounds: fleet, selection,
 reading and encoding each client's messages from the shards, local SGD, compression,
-aggregation, server optimizer, a checkpoint every round; no evaluation). The two
+aggregation, server optimizer, checkpoints as a real run writes them; no evaluation). The two
 alternate in chunks so machine load hits both alike; the ratio is of the totals.
 `--same-math` also times centralized training through the federated step's code (packed
 rows, hand-batched LSTM, SGD), to separate the engine's gains from the step's.
@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> None:
             with _threads(n or threads):
                 central.train(2_000)
         sim.run_round()
+        sim.maybe_checkpoint()
         for rep in range(args.repeats):
             row = {}
             for n, central in centrals.items():
@@ -152,6 +153,7 @@ def run(args: argparse.Namespace) -> None:
             t0, n_f, rounds = time.perf_counter(), 0, 0
             while n_f < chunk:
                 n_f += sim.run_round()["tokens"]
+                sim.maybe_checkpoint()
                 rounds += 1
             s_f = time.perf_counter() - t0
             row.update({"fl_tokens_per_s": n_f / s_f, "fl_rounds": rounds})
