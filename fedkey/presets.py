@@ -11,7 +11,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         # and wider rounds: 8 clients of 64 messages, the settings its 0.03 was tuned with (the defaults' small
         # rounds were measured at 3M tokens and lr 0.005 only)
         "fl": {"max_tokens": 300_000, "pretrain_epochs": 0.5, "server_lr": 0.03, "clients_per_round": 8,
-               "max_messages": 64},
+               "max_messages": 64, "eval_every": 10},
         "eval": {"max_positions": 20_000, "ksr_messages": 300},
         # every user in about two minutes of training: the latest 1k pieces each, a 512-piece shortlist, 20 steps
         "personal": {"steps": 20, "max_train_tokens": 1024, "max_val_tokens": 256, "shortlist": 512},
