@@ -145,8 +145,11 @@ def test_cache_gate_judges_a_light_writers_slice_by_its_loss():
     cfg = PersonalConfig()
     # a slice too small for top-1 to judge: the loss decides, either way
     assert decide_cache(result(12, 3.8, 3), cfg) and not decide_cache(result(12, 4.1, 4), cfg)
-    # a slice big enough: one more word right at no higher loss, as before
-    assert not decide_cache(result(40, 3.8, 3), cfg) and decide_cache(result(40, 3.8, 4), cfg)
+    # a slice big enough: cache_gate_top1 more words right (2 by default) at no higher loss, as before
+    assert not decide_cache(result(40, 3.8, 4), cfg) and decide_cache(result(40, 3.8, 5), cfg)
+    assert not decide_cache(result(40, 4.1, 5), cfg)
+    one = PersonalConfig(cache_gate_top1=1)
+    assert not decide_cache(result(40, 3.8, 3), one) and decide_cache(result(40, 3.8, 4), one)
     assert not decide_cache(result(12, 3.8, 3), PersonalConfig(cache_small_slice_loss=False))
 
 
