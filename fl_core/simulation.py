@@ -100,6 +100,7 @@ class Simulation:
         self.state = server_init(self.init_params[:self.spec.n_shared], self.cfg)
         self.tokens, self.clock_s, self.up_total, self.down_total = 0, 0.0, 0, 0
         self._last_checkpoint_s = time.perf_counter()
+        self._checkpoint_round = 0
 
     def selection_weights(self) -> np.ndarray | None:
         """Per-client selection odds: None (uniform), or max(messages, cap) so a client's every message is equally likely to be trained."""
@@ -121,7 +122,9 @@ class Simulation:
             "round": self.state.round, "server": self.state.state_dict(), "aggregator": self.aggregator.state_dict(),
             "store": self.store.state_dict(), "history": self.history, "tokens": self.tokens, "clock_s": self.clock_s,
             "up_total": self.up_total, "down_total": self.down_total, "config": self._config()})
-        self.store.floor = self.state.round
+        # device versions are kept back to the checkpoint before this one: resuming from checkpoint.prev.pt
+        # (when the newest is corrupt) replays from there and needs them too
+        self.store.floor, self._checkpoint_round = self._checkpoint_round, self.state.round
         self._last_checkpoint_s = time.perf_counter()
 
     def maybe_checkpoint(self) -> bool:
@@ -147,7 +150,7 @@ class Simulation:
         self.history = list(ck["history"])
         self.tokens, self.clock_s = int(ck["tokens"]), float(ck["clock_s"])
         self.up_total, self.down_total = int(ck["up_total"]), int(ck["down_total"])
-        self.store.floor = self.state.round
+        self._checkpoint_round = self.state.round  # the store's floor stays 0 until the next checkpoint moves it
         return True
 
     def full_params(self) -> torch.Tensor:

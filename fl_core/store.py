@@ -1,8 +1,8 @@
 """Per-client state that stays on the device between rounds: FedPer local parameters, error-feedback residuals.
 
 Only clients that have participated have an entry. Each entry keeps its versions stamped with
-the round that wrote them: every version since the run's last checkpoint and the newest one
-before it. A read during round r sees the newest version from before r, so rounds re-run after
+the round that wrote them: every version since the run's `floor` (the round of the checkpoint
+before the last, which a resume may have to start from) and the newest one before it. A read during round r sees the newest version from before r, so rounds re-run after
 a crash from the last checkpoint read exactly what the first attempt read, and resumed runs stay
 bitwise identical however many rounds a checkpoint is apart.
 
@@ -44,7 +44,7 @@ class ClientStore:
         self.kind = kind
         self.root = Path(root) if root is not None else None
         self._mem: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
-        self.floor = 0  # the round a resume would start from (the last checkpoint's)
+        self.floor = 0  # the earliest round a resume may start from (set by the round loop)
 
     def _path(self, client: str, key: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", client)[:64]

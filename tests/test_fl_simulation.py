@@ -132,6 +132,26 @@ def test_resume_from_a_checkpoint_rounds_behind_replays_them_bitwise(tiny_run, t
     assert _strip(resumed.history) == _strip(whole.history)
 
 
+def test_resume_from_the_previous_checkpoint_keeps_device_state_bitwise(tiny_run, tmp_path):
+    # the corrupt-checkpoint recovery (move checkpoint.prev.pt over) replays from one checkpoint further
+    # back: the devices (disk store) must still hold the versions those rounds read
+    cfg = fl_cfg(max_rounds=8, clients_per_round=8, local_params="out_bias", client_store="disk", checkpoint_every_s=0)
+    whole = make_sim(tiny_run, tmp_path / "whole", cfg)
+    whole.run()
+    first = make_sim(tiny_run, tmp_path / "run", cfg)
+    first.checkpoint()
+    for _ in range(6):
+        first.run_round()
+        first.maybe_checkpoint()
+    first.run_round()  # round 7 writes device state, then the process dies and checkpoint.pt (round 6) is lost
+    shutil.move(tmp_path / "run" / PREV, tmp_path / "run" / NAME)
+    assert read_checkpoint(tmp_path / "run" / NAME)["round"] == 5
+    resumed = make_sim(tiny_run, tmp_path / "run", cfg)
+    resumed.run(resume=True)
+    assert torch.equal(resumed.state.params, whole.state.params)
+    assert _strip(resumed.history) == _strip(whole.history)
+
+
 def test_corrupt_checkpoint_is_a_clear_error_and_the_previous_one_is_kept(tiny_run, tmp_path):
     cfg = fl_cfg(max_rounds=3, checkpoint_every_s=0)
     sim = make_sim(tiny_run, tmp_path / "run", cfg)
