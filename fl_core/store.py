@@ -2,9 +2,10 @@
 
 Only clients that have participated have an entry. Each entry keeps its versions stamped with
 the round that wrote them: every version since the run's `floor` (the round of the checkpoint
-before the last, which a resume may have to start from) and the newest one before it. A read during round r sees the newest version from before r, so rounds re-run after
-a crash from the last checkpoint read exactly what the first attempt read, and resumed runs stay
-bitwise identical however many rounds a checkpoint is apart.
+before the last, which a resume may have to start from) and the newest one before it. A read
+during round r sees the newest version from before r, so rounds re-run after a crash read
+exactly what the first attempt read, and resumed runs stay bitwise identical however many
+rounds a checkpoint is apart.
 
 `memory` keeps entries in RAM (saved inside the run checkpoint); `disk` keeps one small file
 per client and key (written atomically), so RAM does not grow with the population.
