@@ -143,7 +143,7 @@ class Simulation:
         if ck["config"] != self._config():
             changed = [k for k in ck["config"]["fl"] if ck["config"]["fl"].get(k) != self._config()["fl"].get(k)]
             raise FedkeyError(f"{self.out_dir}: checkpoint was made with other settings ({', '.join(changed) or 'fleet/model'}); "
-                              "drop --resume to start over")
+                              f"use the same ones, another --run-dir, or delete {self.out_dir} to start over")
         self.state = ServerState.from_state_dict(ck["server"])
         self.aggregator.load_state_dict(ck["aggregator"])
         self.store.load_state_dict(ck["store"])

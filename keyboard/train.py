@@ -19,6 +19,8 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD
 
 STATE_FILE = "train_state.pt"
+# settings a resumed run may change: they decide how fast it runs, not what it computes
+RUNTIME = {"threads", "max_minutes"}
 
 
 @dataclass
@@ -57,8 +59,11 @@ def train_central(
     epoch, batch_idx, tokens, elapsed, loss_ema = 0, 0, 0, 0.0, None
     if resume and state_path.exists():
         st = load_torch(state_path)
-        if st["config"] != to_dict(cfg):
-            raise FedkeyError(f"{state_path}: was made with a different config; drop --resume to start over")
+        saved, now = st["config"], to_dict(cfg)
+        differ = sorted(k for k in saved.keys() | now.keys() if k not in RUNTIME and saved.get(k) != now.get(k))
+        if differ:
+            raise FedkeyError(f"{state_path}: was trained with other settings ({', '.join(differ)}); "
+                              f"use the same ones, or delete {state_path.parent} to start over")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         epoch, batch_idx, tokens, elapsed, loss_ema = st["epoch"], st["batch_idx"], st["tokens"], st["elapsed"], st["loss_ema"]

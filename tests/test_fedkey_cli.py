@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -83,6 +84,31 @@ def test_resume_continues_to_the_same_parameters(tiny_tok, tmp_path):
     train_central(resumed, seqs, cfg, tmp_path / "b", resume=True)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_resume_takes_other_threads_but_refuses_other_settings(tiny_tok, tmp_path, request):
+    seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch(["how are you doing today", "i like the color blue"] * 20)]
+    cfg = C.CentralConfig(lr=1e-2, batch_size=8, max_tokens=600, warmup_tokens=0, seed=3, threads=1)
+
+    def fresh() -> KeyboardLM:
+        torch.manual_seed(0)
+        return KeyboardLM(tiny_tok.vocab_size, C.ModelConfig(embed_dim=8, hidden=16))
+
+    def stop_early(p) -> None:
+        if p.tokens >= 300:
+            raise KeyboardInterrupt
+
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    with pytest.raises(KeyboardInterrupt):
+        train_central(fresh(), seqs, cfg, tmp_path, on_progress=stop_early, checkpoint_every_s=0)
+    # a machine with more cores resumes the same run (the server's pretraining resumes this way on every call)
+    done = train_central(fresh(), seqs, dataclasses.replace(cfg, threads=2), tmp_path, resume=True)
+    assert done["tokens"] >= cfg.max_tokens
+    with pytest.raises(FedkeyError) as err:
+        train_central(fresh(), seqs, dataclasses.replace(cfg, lr=2e-2), tmp_path, resume=True)
+    msg = str(err.value)
+    assert "(lr)" in msg and str(tmp_path) in msg and "\n" not in msg
 
 
 def test_prepare_cli_on_bad_input_is_one_line(tmp_path, capsys):
