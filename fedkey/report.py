@@ -230,7 +230,8 @@ def _fl(run: RunFiles) -> Section | None:
             ("clients per round", clients), ("uplink, total", _bytes(up) + per_round if up is not None else None),
             ("downlink, total", _bytes(res["down_bytes"]) if "down_bytes" in res else None),
             ("uplink compression", compress),
-            ("server's start", f"pretrained on the public users' text: {fl['pretrain_epochs']:g} passes, "
+            ("server's start", f"pretrained on the public users' text: {fl['pretrain_epochs']:g} "
+                               f"pass{'' if fl['pretrain_epochs'] == 1 else 'es'}, "
                                f"{_count(res['pretrain_tokens'])} tokens" if res.get("pretrain_tokens") else None),
             ("server optimizer", f"{fl['server_opt']} (lr {fl.get('server_lr', 0):g})"
              if fl.get("server_opt") else None),
