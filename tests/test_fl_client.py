@@ -138,3 +138,21 @@ def test_public_pretraining_starts_from_a_model_that_knows_public_text_and_is_re
     warm = start(20.0, "warm")
     assert warm < cold - 0.3  # the server's start has learned from public users' text
     assert start(20.0, "warm_again") == warm  # same seed, same start
+
+
+def test_client_training_flushes_subnormal_floats_and_gives_the_mode_back(tiny_run):
+    task, model = tiny_task(tiny_run, batch_size=3, max_messages=6)
+    spec = ParamSpec.of(model)
+    seen = []
+
+    class Probe:
+        """The real task, noting at each step whether a subnormal float reads as zero."""
+
+        def loss(self, params, batch):
+            seen.append(float((torch.tensor([1e-40]) * 1.0).item()))
+            return task.loss(params, batch)
+
+    data = task.client_data(task.shards.users("train")[0], np.random.default_rng(0))
+    local_train(Probe(), spec, spec.flatten(dict(model.named_parameters())), data, 0.1, 1.0)
+    assert seen and all(v == 0.0 for v in seen)
+    assert float((torch.tensor([1e-40]) * 1.0).item()) != 0.0  # the caller's thread is as it was
