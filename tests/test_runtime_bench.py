@@ -29,3 +29,27 @@ def test_bench_latency_writes_its_keys(tmp_path, tiny_model, tiny_tok):
 def test_bench_latency_needs_a_bundle(tmp_path, capsys):
     assert main(["bench", "latency", "--run-dir", str(tmp_path), "--no-progress"]) == 2
     assert "fedkey export" in capsys.readouterr().err
+
+
+
+def test_bench_latency_takes_its_sample_size_from_the_preset_unless_given(tmp_path, tiny_model, tiny_tok):
+    from fedkey.bench.latency import resolve_sizes
+    from fedkey.cli import build_parser
+
+    def sizes(*extra: str) -> tuple[int, int]:
+        args = build_parser().parse_args(["bench", "latency", "--run-dir", str(tmp_path), *extra])
+        resolve_sizes(args)
+        return args.messages, args.check_messages
+
+    assert sizes() == (200, 50)
+    assert sizes("--preset", "quick") == (100, 25)
+    assert sizes("--preset", "quick", "--messages", "7", "--check-messages", "0") == (7, 0)
+    assert sizes("--preset", "full") == (200, 50)
+    # and the run replays that sample
+    bundle, _ = make_bundle(tmp_path, tiny_model, tiny_tok)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(tiny_texts(120, seed=3)))
+    out = tmp_path / "quick.json"
+    assert main(["bench", "latency", "--run-dir", str(tmp_path), "--bundle", str(bundle), "--texts", str(texts),
+                 "--preset", "quick", "--loads", "1", "--repeats", "1", "--no-progress", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["messages"] == 100

@@ -13,6 +13,7 @@ import numpy as np
 
 from fedkey.errors import FedkeyError
 from fedkey.io import save_figure, write_json
+from fedkey.presets import PRESETS
 from fedkey.progress import bar
 from fedkey.tables import console
 
@@ -20,12 +21,25 @@ if TYPE_CHECKING:
     from keyboard.predictor import Predictor
 
 TARGETS = {"p50_ms": 1.0, "p99_ms": 5.0, "load_ms": 300.0}
+DEFAULTS = {"messages": 200, "check_messages": 50}
+
+
+def resolve_sizes(args: argparse.Namespace) -> None:
+    """Fill --messages and --check-messages left unset: the preset's, else the defaults."""
+    from fedkey.presets import preset_overrides
+
+    sizes = {**DEFAULTS, **preset_overrides(getattr(args, "preset", None), "latency")}
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     """Flags of this benchmark."""
     p.add_argument("--bundle", type=Path, help="exported bundle (default: RUN_DIR/export)")
-    p.add_argument("--messages", type=int, default=200, help="seeded sample of test messages to replay")
+    p.add_argument("--messages", type=int,
+                   help=f"seeded sample of test messages to replay (default {DEFAULTS['messages']}; the quick preset's "
+                        f"{PRESETS['quick']['latency']['messages']})")
     p.add_argument("--texts", type=Path, help="replay these messages (one per line) instead of the run's test split")
     p.add_argument("--seed", type=int, default=0, help="seed of the message sample")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -36,8 +50,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="replays of the sample, each on a freshly loaded bundle; a keystroke's time is its fastest "
                         "replay, since other processes on a shared machine only ever add time (1: one replay)")
     p.add_argument("--loads", type=int, default=5, help="timed bundle loads (the median is reported)")
-    p.add_argument("--check-messages", type=int, default=50,
-                   help="messages replayed again without caches to count keystrokes whose suggestions differ")
+    p.add_argument("--check-messages", type=int,
+                   help="messages replayed again without caches to count keystrokes whose suggestions differ "
+                        f"(default {DEFAULTS['check_messages']}; the quick preset's "
+                        f"{PRESETS['quick']['latency']['check_messages']})")
     p.add_argument("--plot", type=Path, help="latency CDF (PNG; default: beside --json, else RUN_DIR/bench/latency.png)")
 
 
@@ -95,6 +111,7 @@ def run(args: argparse.Namespace) -> None:
     """Measure and print per-keystroke latency and load time."""
     from keyboard.runtime import load_bundle
 
+    resolve_sizes(args)
     bundle = args.bundle or args.run_dir / "export"
     if not (bundle / "manifest.json").exists():
         raise FedkeyError(f"{bundle}: no exported bundle; run `fedkey export --run-dir {args.run_dir}` first")
