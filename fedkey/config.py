@@ -60,6 +60,14 @@ class CentralConfig:
     clip: float = _f(1.0, "gradient norm clip")
     threads: int = _f(0, "torch threads (0: all cores)")
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_len"):
+            if getattr(self, name) < 1:
+                raise FedkeyError(f"[central].{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.max_tokens < 0 or self.threads < 0:
+            raise FedkeyError(f"[central]: lr must be > 0 and max_tokens, threads >= 0 "
+                              f"(got lr {self.lr}, max_tokens {self.max_tokens}, threads {self.threads})")
+
     @classmethod
     def short(cls, tokens: int, **overrides: Any) -> "CentralConfig":
         """Settings of a short pretraining run of `tokens` tokens: the warm-up shrinks to a tenth of it."""
