@@ -355,35 +355,15 @@ def _export(run: RunFiles) -> Section | None:
 def _timings(run: RunFiles) -> Section | None:
     from fedkey.commands.run import stages
 
-    seconds, spans = {}, {}
+    seconds = {}
     for st in stages(run.dir):
         marker = run.json(f"stages/{st.name.replace(' ', '_')}/stage.json")
         if marker and marker.get("seconds") is not None:
             seconds[st.name] = marker["seconds"]
-            if marker.get("started") is not None and marker.get("ended") is not None:
-                spans[st.name] = (marker["started"], marker["ended"])
     if not seconds:
         return None
-    beside = _overlapping(spans)
-    total = _covered(list(spans.values())) + sum(s for n, s in seconds.items() if n not in spans)
-    rows = [[name + (" (side by side)" if name in beside else ""), _duration(s)] for name, s in seconds.items()]
-    rows.append(["total" + (" (time the stages covered)" if beside else ""), _duration(total)])
+    rows = [[name, _duration(s)] for name, s in {**seconds, "total": sum(seconds.values())}.items()]
     return Section("Stage timings", [Table(["stage", "wall time"], rows, caption="each stage's last completed run")])
-
-
-def _overlapping(spans: dict[str, tuple[float, float]]) -> set[str]:
-    """Stages whose run overlapped another's."""
-    return {a for a, (s1, e1) in spans.items() for b, (s2, e2) in spans.items() if a != b and s1 < e2 and s2 < e1}
-
-
-def _covered(spans: list[tuple[float, float]]) -> float:
-    """Seconds covered by the union of the spans."""
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(spans):
-        if e > end:
-            total += e - max(s, end)
-            end = e
-    return total
 
 
 SECTIONS: list[tuple[str, Callable[[RunFiles], Section | None]]] = [

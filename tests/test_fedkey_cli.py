@@ -119,3 +119,13 @@ def test_prepare_cli_on_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2 and "broken.jsonl" in err and "2" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "data").exists()
     json.dumps(err)
+
+
+@pytest.mark.parametrize("flag, value, named", [("--batch-size", "0", "[central].batch_size"),
+                                                 ("--max-len", "0", "[central].max_len"),
+                                                 ("--lr", "0", "lr must be > 0")])
+def test_train_central_refuses_impossible_settings_in_one_line(tmp_path, capsys, flag, value, named):
+    code = main(["train-central", "--run-dir", str(tmp_path / "run"), flag, value, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and named in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "central").exists()

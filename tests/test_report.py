@@ -122,17 +122,6 @@ def test_full_report(tmp_path: Path) -> None:
     assert "Personalization" in out and "3.8x smaller" in out and str(tmp_path / "personal" / "gains.png") in out
 
 
-
-def test_stages_run_side_by_side_count_once_in_the_total(tmp_path: Path) -> None:
-    # centralized 0..300 s beside federated 10..200 s, then personalize 300..400 s: 400 s of the run, not 590
-    for name, start, end in (("centralized_baseline", 0, 300), ("federated_training", 10, 200), ("personalize", 300, 400)):
-        mark_done(tmp_path / "stages" / name, "k", {"argv": []}, {}, seconds=end - start,
-                  started=1e9 + start, ended=1e9 + end)
-    md = write_report(tmp_path).read_text()
-    assert "| centralized baseline (side by side) | 5 min 00 s |" in md
-    assert "| federated training (side by side) | 3 min 10 s |" in md and "| personalize | 1 min 40 s |" in md
-    assert "| total (time the stages covered) | 6 min 40 s |" in md
-
 def test_no_dp_no_privacy_rows(tmp_path: Path) -> None:
     _full_run(tmp_path, dp=False)
     md = render_markdown(collect(tmp_path), tmp_path)
