@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 PRESETS: dict[str, dict[str, dict]] = {
-    # 13-17 minutes on 2 cores (the machine's speed varies by the day): the README's first command must stay short
+    # 12-16 minutes on 2 cores (the machine's speed varies by the day): the README's first command must stay short
     "quick": {
         # the centralized baseline gets the larger share: it is the table the first command exists to print
         "central": {"max_tokens": 1_400_000},
@@ -12,7 +12,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         # 8 x 64 at lr 0.03 with half a pass 13.7%; 4 x 16: lr 0.03 14.9%, 0.05 15.0%, 0.08 15.2%; with one pass
         # lr 0.05 15.6%, 0.08 15.7%, 0.12 15.8%; two passes (the full preset's) 16.5% but a minute and a half more
         "fl": {"max_tokens": 300_000, "pretrain_epochs": 1.0, "server_lr": 0.08, "eval_every": 40},
-        "eval": {"max_positions": 20_000, "ksr_messages": 300},
+        # KSR on 150 messages (~7,500 keystrokes): each KSR keystroke is a search, 20 s of every 300-message evaluation
+        "eval": {"max_positions": 20_000, "ksr_messages": 150},
         # every user in about two minutes of training: the latest 1k pieces each, a 512-piece shortlist, 20 steps
         "personal": {"steps": 20, "max_train_tokens": 1024, "max_val_tokens": 256, "shortlist": 512},
         # half the full sample's messages (~5,400 keystrokes, still ~54 beyond the p99): 45 s less of the run
