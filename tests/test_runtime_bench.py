@@ -31,7 +31,6 @@ def test_bench_latency_needs_a_bundle(tmp_path, capsys):
     assert "fedkey export" in capsys.readouterr().err
 
 
-
 def test_bench_latency_takes_its_sample_size_from_the_preset_unless_given(tmp_path, tiny_model, tiny_tok):
     from fedkey.bench.latency import resolve_sizes
     from fedkey.cli import build_parser

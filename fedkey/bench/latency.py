@@ -13,7 +13,7 @@ import numpy as np
 
 from fedkey.errors import FedkeyError
 from fedkey.io import save_figure, write_json
-from fedkey.presets import PRESETS
+from fedkey.presets import PRESETS, preset_overrides
 from fedkey.progress import bar
 from fedkey.tables import console
 
@@ -26,8 +26,6 @@ DEFAULTS = {"messages": 200, "check_messages": 50}
 
 def resolve_sizes(args: argparse.Namespace) -> None:
     """Fill --messages and --check-messages left unset: the preset's, else the defaults."""
-    from fedkey.presets import preset_overrides
-
     sizes = {**DEFAULTS, **preset_overrides(getattr(args, "preset", None), "latency")}
     for key, value in sizes.items():
         if getattr(args, key) is None:
