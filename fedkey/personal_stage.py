@@ -14,7 +14,8 @@ from fedkey.io import read_json, write_json
 from fedkey.progress import bar
 from fedkey.stages import is_done, mark_done, stage_key
 from personalization.config import PersonalConfig
-from personalization.store import GAINS_PNG, PERSONAL, REPORT, SENTINEL, base_id, default_base, read_gate, save_results
+from personalization.store import (GAINS_PNG, GATE, PERSONAL, REPORT, SENTINEL, base_id, default_base, read_gate,
+                                   save_results)
 
 TRAIN_SPLIT = {"train": "train", "heldout": "heldout_train"}
 TEST_SPLIT = {"train": "test", "heldout": "heldout_test"}
@@ -225,7 +226,7 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
     from keyboard.sentinel import load_sentinel
     from personalization.evaluate import AdapterBank, evaluate_users
     from personalization.model import PersonalizedLM
-    from personalization.store import cache_path, load_personalized
+    from personalization.store import cache_path, gate_respelling, load_personalized
 
     shards, _ = load_prepared(run_dir)
     _users(shards, [user], 0)
@@ -234,10 +235,11 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
     if not msgs:
         raise FedkeyError(f"user {user!r} has no test messages in {shards.data_dir}")
     entry = read_gate(run_dir).get(user, {})
-    info.update(phrase_cache=bool(entry.get("use_cache")), respell=len(entry.get("respell") or {}))
+    respelling = gate_respelling(entry, str(run_dir / PERSONAL / GATE))
+    info.update(phrase_cache=bool(entry.get("use_cache")), respell=len(respelling))
     t0 = time.perf_counter()
     with bar(progress, f"evaluating user {user}", len(msgs), unit="msg") as update:
-        if entry.get("use_cache") or entry.get("respell"):
+        if entry.get("use_cache") or respelling:
             # the phrase cache and whole-word respelling live outside the torch model: the multi-user path applies them
             base = model.base if isinstance(model, PersonalizedLM) else model
             ads = {user: model.to_arrays("", user)} if isinstance(model, PersonalizedLM) else {}
@@ -246,7 +248,7 @@ def evaluate_user_stage(run_dir: Path, model_dir: Path | None, user: str, ecfg: 
             # the cache learns each test message once sent, as the runtime's learn() does
             spath = run_dir / PERSONAL / SENTINEL
             sentinel = load_sentinel(spath, base_id(Path(info["base_model"]))) if caches and spath.exists() else None
-            bank = AdapterBank(base, ads, caches, {user: entry.get("respell") or {}},
+            bank = AdapterBank(base, ads, caches, {user: respelling},
                                _sent(tok, msgs, set(caches), PersonalConfig().max_len), sentinel)
             res = evaluate_users(base, [bank], tok, msgs, ecfg, REGIONAL_PAIRS, _train_words(shards, [user]),
                                  progress=lambda d, n: update(d, ""))[0]

@@ -279,7 +279,7 @@ def _opset(path: Path) -> int:
 def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str, tuple[Path | None, str]] | None = None,
                  settings: QuantSettings | None = None, lexicon: dict | None = None,
                  respellings: dict[str, dict[str, str]] | None = None, caches: dict[str, Path] | None = None,
-                 sentinel: Path | None = None) -> dict:
+                 sentinel: Path | None = None, pairs: dict[str, str] | None = None) -> dict:
     """Write a bundle (fp32 and int8 graphs, tokenizer, lexicon, shipped users' files, manifest); returns the manifest.
 
     `adapters` maps each shipped user -> (adapter .npz or None for none, region); `caches` maps shipped users
@@ -287,7 +287,8 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
     any cache); each file is refused unless made for this model.
     `lexicon` is {"words": [...], "source": str, "min_count": int}: the words the runtime suggests
     (None: no list shipped, suggestions are whatever the pieces spell). `respellings` maps a shipped
-    user to their whole-word spelling preference {other variant: own} (personalize's gate.json).
+    user to their whole-word spelling preference {other variant: own} (personalize's gate.json), stored
+    against the American -> British `pairs` (keyboard.respell_file: a locale user takes bytes, not 54 kB).
     The manifest is written last, so a half-written bundle fails its hash check instead of loading.
     """
     import fedkey
@@ -297,6 +298,7 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
     from keyboard.bundle import (ADAPTERS, CACHES, FORMAT, FP32, INT8, LEXICON, MANIFEST, PROFILES, RESPELL,
                                  SENTINEL, TOKENIZER, adapter_name, cache_name, sha256_bytes)
     from keyboard.phrase_cache import load_cache
+    from keyboard.respell_file import pack
     from keyboard.sentinel import load_sentinel
     from keyboard.words import Lexicon
     from keyboard.checkpoint import MODEL_FILE, load_model
@@ -350,7 +352,7 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
         (out / PROFILES).unlink()
     shipped = {u: dict(sorted(m.items())) for u, m in sorted((respellings or {}).items()) if m and u in adapters}
     if shipped:
-        write_json(out / RESPELL, shipped)
+        write_json(out / RESPELL, pack(shipped, pairs or {}))
         names.append(RESPELL)
     elif (out / RESPELL).exists():
         (out / RESPELL).unlink()

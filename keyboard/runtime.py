@@ -20,6 +20,7 @@ from keyboard.onnx_backend import OnnxBackend, StepCache, make_session
 from keyboard.phrase_cache import PhraseCache, PhraseCacheBackend, load_cache
 from keyboard.sentinel import Sentinel, load_sentinel
 from keyboard.predictor import Predictor, Suggestion
+from keyboard.respell_file import unpack
 from keyboard.search import LEX_MARGIN, search_words
 from keyboard.tokenizer import BOS, EOS, Tokenizer
 from keyboard.words import WORD_RE, Lexicon, PieceTable, respell_scored, split_typed
@@ -167,13 +168,10 @@ class OnDevicePredictor:
         if RESPELL not in self.bundle.manifest["files"]:
             return {}
         try:
-            maps = json.loads(self.bundle.read(RESPELL).decode("utf-8"))
+            doc = json.loads(self.bundle.read(RESPELL).decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise FedkeyError(f"{self.bundle.dir / RESPELL}: not valid JSON; re-run `fedkey export`") from None
-        got = maps.get(user_id, {}) if isinstance(maps, dict) else None
-        if not isinstance(got, dict):
-            raise FedkeyError(f"{self.bundle.dir / RESPELL}: expected {{user: {{word: word}}}}; re-run `fedkey export`")
-        return {str(k): str(v) for k, v in got.items()}
+        return unpack(doc, user_id, str(self.bundle.dir / RESPELL))
 
     def learn(self, message: str) -> bool:
         """Add a sent message to the profile's phrase cache (what a user sends is likely again); returns

@@ -20,6 +20,7 @@ from keyboard.model import KeyboardLM
 from keyboard.tokenizer import Tokenizer
 from personalization.batched import UserResult
 from keyboard.phrase_cache import save_cache
+from keyboard.respell_file import pack_one, unpack_one, way_maps
 from personalization.model import PersonalizedLM
 
 PERSONAL, ADAPTERS, GATE, REPORT, GAINS_PNG = "personal", "adapters", "gate.json", "report.json", "gains.png"
@@ -54,6 +55,18 @@ def cache_path(run_dir: Path, user: str) -> Path:
     return adapter_path(run_dir, user).parent.parent / CACHES / f"{user}.npz"
 
 
+def _ways() -> dict:
+    from data.british import REGIONAL_PAIRS
+
+    return way_maps(REGIONAL_PAIRS)
+
+
+def gate_respelling(entry: dict, where: str = GATE) -> dict[str, str]:
+    """A gate entry's whole-word spelling preference {other variant: own} ({} for none)."""
+    got = entry.get("respell")
+    return unpack_one(got, _ways(), where) if got else {}
+
+
 def read_gate(run_dir: Path) -> dict:
     """The gate decisions so far ({} when personalization has not run)."""
     path = run_dir / PERSONAL / GATE
@@ -84,6 +97,9 @@ def save_results(run_dir: Path, results: list[UserResult], bid: str, model_dir: 
             entry["cache_bytes"] = r.extra["cache_bytes"] = save_cache(cpath, r.cache, bid, r.user)
         elif cpath.exists():
             cpath.unlink()
+        if entry.get("respell") is not None:
+            # a locale user's map holds every pair (~54 kB): stored as the way plus their exceptions
+            entry["respell"] = pack_one(entry["respell"], _ways())
         gate[r.user] = entry
     write_json(run_dir / PERSONAL / GATE, dict(sorted(gate.items())))
     return sizes

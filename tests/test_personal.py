@@ -469,6 +469,13 @@ def test_personalize_command_reports_and_reuses_its_result(tiny_run, tmp_path, c
     rep = json.loads((tmp_path / "p.json").read_text())
     gate = json.loads((run / "personal" / "gate.json").read_text())
     assert rep["use_cache"] == {u: e["use_cache"] for u, e in gate.items()}
+    # every locale user's spelling preference covers the whole pair list, stored as their way of spelling
+    from data.british import REGIONAL_PAIRS
+    from personalization.store import gate_respelling
+
+    for e in gate.values():
+        assert e["respell"]["way"] == e["region"] and len(json.dumps(e["respell"])) < 1000, e["respell"]
+        assert len(gate_respelling(e)) > 0.9 * len(REGIONAL_PAIRS)
     gains = list(rep["top1_gain_per_user"].values())
     assert rep["changes"]["mean_top1_gain_ci95"] == mean_interval(gains) and len(gains) >= 2
     assert "95% interval" in capsys.readouterr().out

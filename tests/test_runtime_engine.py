@@ -133,11 +133,22 @@ def test_bundle_ships_a_lexicon_the_engine_keeps_to(tmp_path, tiny_model, tiny_t
 
 
 def test_shipped_spelling_preference_shows_the_users_own_variant(tmp_path, tiny_model, tiny_tok):
-    from keyboard.bundle import RESPELL
+    from collections import Counter
 
-    out, man = make_bundle(tmp_path, tiny_model, tiny_tok, respellings={BRITISH_USER: {"favorite": "favourite"},
-                                                                          "not-shipped": {"color": "colour"}})
-    assert json.loads((out / RESPELL).read_text()) == {BRITISH_USER: {"favorite": "favourite"}}
+    from data.british import REGIONAL_PAIRS
+    from keyboard.bundle import RESPELL
+    from keyboard.respell_file import unpack
+    from personalization.spelling import preferences
+
+    # a GB-locale user who typed both "color" and "colour": every pair British but that one
+    own = {other: w for w, other in preferences(Counter({"colour": 1, "color": 1}), REGIONAL_PAIRS, 2, "GB")}
+    assert own["favorite"] == "favourite" and "color" not in own and len(own) == len(REGIONAL_PAIRS) - 1
+    out, man = make_bundle(tmp_path, tiny_model, tiny_tok, respellings={BRITISH_USER: own,
+                                                                          "not-shipped": {"color": "colour"}},
+                           pairs=REGIONAL_PAIRS)
+    doc = json.loads((out / RESPELL).read_text())
+    assert list(doc["users"]) == [BRITISH_USER] and unpack(doc, BRITISH_USER, "respell.json") == own
+    assert len(json.dumps(doc["users"][BRITISH_USER])) < 100  # the pair list is stored once, not per user
     assert RESPELL in man["files"]
     engine = load_bundle(out)
     plain = engine.suggest("what is your f")

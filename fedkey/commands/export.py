@@ -170,7 +170,8 @@ def run(args: argparse.Namespace) -> None:
     from keyboard.evaluate import Message
     from keyboard.export import QuantSettings, build_bundle, measure_parity
     from keyboard.onnx_backend import OnnxBackend, make_session
-    from personalization.store import read_gate
+    from data.british import REGIONAL_PAIRS
+    from personalization.store import gate_respelling, read_gate
 
     run_dir: Path = args.run_dir
     model_dir = args.model or default_model(run_dir)
@@ -181,10 +182,10 @@ def run(args: argparse.Namespace) -> None:
     gate = read_gate(run_dir)
     adapters = choose_adapters(run_dir, file_hash(model_dir / MODEL_FILE), args.user, args.per_region, gate)
     lexicon = public_lexicon(run_dir, args.lexicon_min_count)
-    respellings = {u: gate.get(u, {}).get("respell") or {} for u in adapters}
+    respellings = {u: gate_respelling(gate.get(u, {}), str(run_dir / PERSONAL / GATE)) for u in adapters}
     with bar(not args.no_progress, "exporting fp32 + int8 ONNX", None):
         man = build_bundle(model_dir, out, adapters, QuantSettings(mode=args.quant), lexicon, respellings,
-                           shipped_caches(run_dir, list(adapters), gate), shipped_sentinel(run_dir))
+                           shipped_caches(run_dir, list(adapters), gate), shipped_sentinel(run_dir), REGIONAL_PAIRS)
     fp32_b, int8_b = man["files"][FP32]["bytes"], man["files"][INT8]["bytes"]
     res = {"bundle": str(out), "model": str(model_dir), "fp32_bytes": fp32_b, "int8_bytes": int8_b,
            "int8_ratio": int8_b / fp32_b, "users": {u: r for u, (_, r) in adapters.items()},
