@@ -16,6 +16,7 @@ NumPy only: the on-device runtime applies it (`PhraseCacheBackend`) and adds eac
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,12 +44,23 @@ class PhraseCache:
     @classmethod
     def build(cls, seqs: list[list[int]], order: int, lam: float, m0: float, max_pieces: int = 0) -> "PhraseCache":
         """Counts of the (context, next piece) pairs of the latest messages holding at most max_pieces pieces (0: all)."""
-        counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
-        for s in latest(seqs, max_pieces):
-            for t in range(1, len(s)):
-                for k in range(1, min(order - 1, t) + 1):
-                    counts[tuple(s[t - k:t])][s[t]] += 1
-        return cls(order, lam, m0, _table(counts))
+        seqs = [s for s in latest(seqs, max_pieces) if len(s) > 1]
+        n = order - 1
+        if not seqs or n < 1:
+            return cls(order, lam, m0, {})
+        # every message at once, in NumPy: personalization builds ~2 caches a user (Counters took 24 ms each)
+        lens = np.fromiter(map(len, seqs), np.int64, len(seqs))
+        flat = np.fromiter(chain.from_iterable(seqs), np.int64, int(lens.sum()))
+        pos = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)  # each piece's place in its message
+        ctx, nxt, occ = [], [], []
+        for k in range(1, n + 1):
+            at = np.flatnonzero(pos >= k)  # pieces with k earlier pieces of their own message
+            # the context's k pieces, padded with -1 on the left to n columns
+            ctx.append(np.stack([flat[at - n + j] if j >= n - k else np.full(len(at), -1) for j in range(n)], axis=1))
+            nxt.append(flat[at])
+            occ.append(at * n + k - 1)  # when a piece-by-piece count would have met this pair
+        nxt_all = np.concatenate(nxt)
+        return cls(order, lam, m0, _table_of(np.concatenate(ctx), nxt_all, np.ones(len(nxt_all)), np.concatenate(occ)))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for an adapter file: contexts padded with -1 on the left, next piece, count."""
@@ -63,10 +75,10 @@ class PhraseCache:
     def from_arrays(cls, z: dict[str, np.ndarray]) -> "PhraseCache":
         """The cache of `to_arrays`' arrays."""
         order, lam, m0 = z["cache_params"].tolist()
-        counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
-        for ctx, nxt, c in zip(z["cache_ctx"].tolist(), z["cache_next"].tolist(), z["cache_count"].tolist()):
-            counts[tuple(p for p in ctx if p >= 0)][nxt] += c
-        return cls(int(order), float(lam), float(m0), _table(counts))
+        nxt = z["cache_next"].astype(np.int64)
+        table = _table_of(z["cache_ctx"].astype(np.int64).reshape(len(nxt), -1), nxt,
+                          z["cache_count"].astype(np.float64), np.arange(len(nxt)))
+        return cls(int(order), float(lam), float(m0), table)
 
     def learn(self, seq: list[int]) -> None:
         """Add one framed message's (context, next piece) pairs: what the user just sent counts from now on."""
@@ -153,10 +165,28 @@ class ReplayCache(PhraseCache):
         return uniq, np.bincount(inv, weights=w)
 
 
-def _table(counts: dict[tuple[int, ...], Counter]) -> dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]:
-    """Per context, its continuations as (piece ids, counts) arrays."""
-    return {ctx: (np.array(list(c), dtype=np.int64), np.array(list(c.values()), dtype=np.float64))
-            for ctx, c in counts.items()}
+def _table_of(ctx: np.ndarray, nxt: np.ndarray, weight: np.ndarray,
+              occ: np.ndarray) -> dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]:
+    """context -> (piece ids, summed weights) of rows (context padded with -1 on the left, next piece, weight),
+    contexts and their pieces in the order of their first occurrence `occ`: the order counting them one by one
+    gives, which keeps cache files as small (and bitwise the same) as before."""
+    if not len(nxt):
+        return {}
+    o = np.lexsort([occ, nxt] + [ctx[:, j] for j in range(ctx.shape[1] - 1, -1, -1)])
+    ctx, nxt, weight, occ = ctx[o], nxt[o], weight[o], occ[o]
+    new_ctx = np.r_[True, (ctx[1:] != ctx[:-1]).any(axis=1)]
+    pair = np.flatnonzero(new_ctx | np.r_[True, nxt[1:] != nxt[:-1]])  # first row of each (context, piece)
+    count = np.add.reduceat(weight, pair)
+    ctx_of = np.cumsum(new_ctx[pair]) - 1  # each pair's context, numbered in sorted order
+    first_ctx = np.minimum.reduceat(occ[pair], np.flatnonzero(new_ctx[pair]))
+    o = np.lexsort([occ[pair], first_ctx[ctx_of]])
+    pair, count, ctx_of = pair[o], count[o], ctx_of[o]
+    ids = nxt[pair]
+    starts = np.flatnonzero(np.r_[True, ctx_of[1:] != ctx_of[:-1]])
+    ends = np.r_[starts[1:], len(pair)].tolist()
+    heads = ctx[pair[starts]]
+    keys, pads = heads.tolist(), (heads < 0).sum(axis=1).tolist()
+    return {tuple(key[p:]): (ids[a:b], count[a:b]) for key, p, a, b in zip(keys, pads, starts.tolist(), ends)}
 
 
 def latest(seqs: list[list[int]], max_pieces: int) -> list[list[int]]:

@@ -169,3 +169,27 @@ def test_phrase_ceiling_dynamic_arm_learns_the_sent_messages_and_leaves_the_base
     assert rec["pre_dynamic"] == got["dynamic"] and rec["pre_dynamic_cache"] == got["dynamic_cache"]
     assert rec["pre_cache_learning"] == got["cache_learning"]
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # each user adapts a copy
+
+
+def test_cache_counts_every_context_as_counting_piece_by_piece_would(tiny_tok):
+    from collections import Counter, defaultdict
+
+    from tests.conftest import PHRASES
+
+    seqs = [frame(ids, 64) for ids in tiny_tok.encode_batch(PHRASES + OWN)] + [[1], []]  # and messages too short
+    for order in (2, 4, 6):
+        counted: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+        for s in seqs:
+            for t in range(1, len(s)):
+                for k in range(1, min(order - 1, t) + 1):
+                    counted[tuple(s[t - k:t])][s[t]] += 1
+        cache = PhraseCache.build(seqs, order, 0.2, 5.0)
+        # contexts and their pieces in the order they are first met: the file's rows, and so its size, follow it
+        assert list(cache.table) == list(counted)
+        assert {c: list(zip(ids.tolist(), n.tolist())) for c, (ids, n) in cache.table.items()} == \
+            {c: list(cnt.items()) for c, cnt in counted.items()}
+        again = PhraseCache.from_arrays(cache.to_arrays())
+        assert list(again.table) == list(counted)
+        assert all((again.table[c][0] == cache.table[c][0]).all() and (again.table[c][1] == cache.table[c][1]).all()
+                   for c in counted)
+    assert PhraseCache.build([[1], []], 4, 0.2, 5.0).table == {}
