@@ -16,8 +16,8 @@ NumPy only: the on-device runtime applies it (`PhraseCacheBackend`) and adds eac
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING
 

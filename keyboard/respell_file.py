@@ -12,7 +12,6 @@ from __future__ import annotations
 from fedkey.errors import FedkeyError
 
 FORMAT = "fedkey-respell/2"
-WAYS = ("GB", "US")
 
 
 def way_maps(pairs: dict[str, str]) -> dict[str | None, dict[str, str]]:

@@ -80,6 +80,7 @@ def save_results(run_dir: Path, results: list[UserResult], bid: str, model_dir: 
     """
     gate = {u: d for u, d in read_gate(run_dir).items() if d.get("base_id") == bid}
     sizes: dict[str, int] = {}
+    ways = _ways()
     for r in results:
         path = adapter_path(run_dir, r.user)
         entry = {"use_adapter": r.use_adapter, "val_global": r.val_global, "val_personal": r.val_personal,
@@ -99,7 +100,7 @@ def save_results(run_dir: Path, results: list[UserResult], bid: str, model_dir: 
             cpath.unlink()
         if entry.get("respell") is not None:
             # a locale user's map holds every pair (~54 kB): stored as the way plus their exceptions
-            entry["respell"] = pack_one(entry["respell"], _ways())
+            entry["respell"] = pack_one(entry["respell"], ways)
         gate[r.user] = entry
     write_json(run_dir / PERSONAL / GATE, dict(sorted(gate.items())))
     return sizes
