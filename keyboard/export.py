@@ -350,7 +350,7 @@ def build_bundle(model_dir: str | Path, out_dir: str | Path, adapters: dict[str,
         names.append(PROFILES)
     elif (out / PROFILES).exists():
         (out / PROFILES).unlink()
-    shipped = {u: dict(sorted(m.items())) for u, m in sorted((respellings or {}).items()) if m and u in adapters}
+    shipped = {u: m for u, m in (respellings or {}).items() if m and u in adapters}  # pack() sorts users and words
     if shipped:
         write_json(out / RESPELL, pack(shipped, pairs or {}))
         names.append(RESPELL)
