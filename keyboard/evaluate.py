@@ -85,15 +85,15 @@ def _states_stepwise(backend, seqs: list[list[int]], wanted: list[list[int]]):
 
 
 def search_queries(backend: StepBackend, table: PieceTable, qs: list[_Query], parsed: dict, row_of: dict,
-                   logp: np.ndarray, h: np.ndarray, c: np.ndarray, cfg: EvalConfig, results: dict) -> None:
-    """Whole-word searches of queries from their rows' (logp, h, c), cfg.batch at a time, into results."""
+                   logp: np.ndarray, h: np.ndarray, c: np.ndarray, cfg: EvalConfig, results: dict, k: int = 3) -> None:
+    """Top-k whole-word searches of queries from their rows' (logp, h, c), cfg.batch at a time, into results."""
     for s in range(0, len(qs), cfg.batch):
         part = qs[s : s + cfg.batch]
         r = np.array([row_of[(q.msg, parsed[q.msg][0][q.word_idx][0])] for q in part], dtype=np.int64)
         partials = [parsed[q.msg][0][q.word_idx][1][: q.typed] for q in part]
         spaces = [parsed[q.msg][0][q.word_idx][2] for q in part]
         found = search_words(backend, table, logp[r], h[r], c[r], partials, spaces,
-                             k=3, beam=cfg.beam, max_pieces=cfg.max_pieces)
+                             k=k, beam=cfg.beam, max_pieces=cfg.max_pieces)
         for q, f in zip(part, found):
             results[(q.msg, q.word_idx, q.typed)] = [w for w, _ in f]
 

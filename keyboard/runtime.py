@@ -23,7 +23,7 @@ from keyboard.predictor import Predictor, Suggestion
 from keyboard.respell_file import unpack
 from keyboard.search import LEX_MARGIN, search_words
 from keyboard.tokenizer import BOS, EOS, Tokenizer
-from keyboard.words import WORD_RE, Lexicon, PieceTable, respell_scored, split_typed
+from keyboard.words import RESPELL_SPARE, WORD_RE, Lexicon, PieceTable, respell_scored, split_typed
 
 MAX_K = 16
 # the model conditions on the recent text only; the window starts on a block boundary so it moves
@@ -202,8 +202,12 @@ class OnDevicePredictor:
         text = text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
         out = self.predictor.suggest(text, k)
         if self._respell:  # the user's own spelling of a suggested word, shown once in its place
-            pairs = respell_scored([(s.word, s.prob) for s in out], self._respell, split_typed(text)[1])
-            out = [Suggestion(w, p) for w, p in pairs]
+            partial = split_typed(text)[1]
+            pairs = respell_scored([(s.word, s.prob) for s in out], self._respell, partial)
+            if len(pairs) < len(out) and k < MAX_K:  # two variants merged: a few words more fill the freed slot
+                wider = self.predictor.suggest(text, min(k + RESPELL_SPARE, MAX_K))
+                pairs = respell_scored([(s.word, s.prob) for s in wider], self._respell, partial)
+            out = [Suggestion(w, p) for w, p in pairs[:k]]
         self.last_latency_ms = (time.perf_counter() - t0) * 1e3
         return out
 

@@ -287,6 +287,11 @@ def _sorted_common(small: np.ndarray, large: np.ndarray) -> np.ndarray:
     return small[large[at] == small]
 
 
+# where a profile respells, the search is asked for this many words beyond k: a pair's two variants merge into
+# one suggestion, which must not leave a slot empty
+RESPELL_SPARE = 3
+
+
 def respell(suggestions: list[str], respelling: dict[str, str], partial: str = "") -> list[str]:
     """Suggestions with the other variant of a preferred pair shown as the user's own (once, in its place),
     where the own variant fits what is typed: continuation pieces ("ise"/"ize") are shared by unrelated words,

@@ -26,7 +26,7 @@ from keyboard.metrics import regional_hit
 from keyboard.model import KeyboardLM
 from keyboard.tokenizer import PAD, Tokenizer
 from keyboard.torch_backend import lstm_cell
-from keyboard.words import WORD_RE, PieceTable, normalize, respell
+from keyboard.words import RESPELL_SPARE, WORD_RE, PieceTable, normalize, respell
 from keyboard.phrase_cache import PhraseCache, ReplayCache, histories, mix_logp
 from keyboard.sentinel import Sentinel
 
@@ -285,6 +285,21 @@ def message_numbers(messages: list[Message]) -> list[int]:
     return out
 
 
+def respell_results(qs: list, results: dict, respellings: dict[str, dict[str, str]], messages: list,
+                    parsed: dict, k: int = 3) -> list:
+    """Each query's words in its user's own spelling (top k); returns the queries where two variants merged."""
+    merged = []
+    for q in qs:
+        m = respellings.get(messages[q.msg].user)
+        if m:
+            key = (q.msg, q.word_idx, q.typed)
+            words = respell(results[key], m, parsed[q.msg][0][q.word_idx][1][: q.typed])
+            if len(words) < min(len(results[key]), k):
+                merged.append(q)
+            results[key] = words[:k]
+    return merged
+
+
 def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progress):
     """Searches of every query under every bank; the LSTM pass over each chunk of messages is shared."""
     results: list[dict] = [{} for _ in banks]
@@ -317,11 +332,10 @@ def _run(base, banks, table, messages, ids, parsed, chosen, by_msg, cfg, progres
                                   before[:, None].astype(np.float32), hist.astype(np.float32)], axis=1)
             c_w = C[bi, ti].numpy()
             search_queries(backend, table, qs, parsed, row_of, lp_w, h_w, c_w, cfg, results[k])
-            for q in qs:
-                m = bank.respell.get(messages[q.msg].user)
-                if m:
-                    key = (q.msg, q.word_idx, q.typed)
-                    results[k][key] = respell(results[k][key], m, parsed[q.msg][0][q.word_idx][1][:q.typed])
+            merged = respell_results(qs, results[k], bank.respell, messages, parsed)
+            # as the runtime does: where two variants merged, a few words more fill the freed slot
+            search_queries(backend, table, merged, parsed, row_of, lp_w, h_w, c_w, cfg, results[k], k=3 + RESPELL_SPARE)
+            respell_results(merged, results[k], bank.respell, messages, parsed)
 
     in_chunks(chosen, ids, by_msg, flush, progress)  # chunks by length, as evaluate() makes them
     return results, nll_of

@@ -410,6 +410,23 @@ def test_respelling_shows_the_users_own_variant_once():
     assert respell(["color"], m, "colo") == ["colour"] and respell(["color"], m, "color") == ["color"]  # typed past the split
 
 
+def test_report_respells_each_query_and_names_those_whose_variants_merged():
+    from keyboard.evaluate import _Query
+    from personalization.evaluate import respell_results
+
+    msgs = [Message("brit", "GB", "my colour"), Message("yank", "US", "my color")]
+    parsed = {0: ([(1, "my", True), (2, "colour", True)], ""), 1: ([(1, "my", True), (2, "color", True)], "")}
+    qs = [_Query(0, 1, 0), _Query(0, 1, 4), _Query(1, 1, 0)]
+    results = {(0, 1, 0): ["color", "colour", "red"], (0, 1, 4): ["colors", "color", "colon"], (1, 1, 0): ["color", "colour", "red"]}
+    merged = respell_results(qs, results, {"brit": {"color": "colour", "colors": "colours"}}, msgs, parsed)
+    assert merged == [qs[0]]  # only there did two words become one: the report searches it again for a third
+    assert results[(0, 1, 0)] == ["colour", "red"] and results[(0, 1, 4)] == ["colours", "colour", "colon"]
+    assert results[(1, 1, 0)] == ["color", "colour", "red"]  # a user without a preference keeps the model's words
+    results[(0, 1, 0)] = ["color", "colour", "red", "blue"]  # the wider search's answer
+    assert respell_results([qs[0]], results, {"brit": {"color": "colour"}}, msgs, parsed) == []
+    assert results[(0, 1, 0)] == ["colour", "red", "blue"]
+
+
 def test_phrase_cache_cap_keeps_only_the_latest_messages():
     from keyboard.phrase_cache import PhraseCache
 

@@ -159,3 +159,23 @@ def test_shipped_spelling_preference_shows_the_users_own_variant(tmp_path, tiny_
     assert "favorite" in words(engine.suggest("what is your favori"))  # typed past the split: the word as typed
     engine.set_profile(None)
     assert words(engine.suggest("what is your f")) == words(plain)
+
+
+def test_merged_spelling_variants_leave_no_suggestion_slot_empty(tmp_path, tiny_model, tiny_tok):
+    from keyboard.bundle import RESPELL
+    from keyboard.respell_file import unpack
+
+    plain_out, _ = make_bundle(tmp_path / "plain", tiny_model, tiny_tok)
+    mine = load_bundle(plain_out, user=BRITISH_USER)
+    wide = mine.suggest("what is your f", k=6)
+    # a respelling that folds the profile's 2nd and 4th words into its 1st: two of the top three merge
+    first = wide[0].word
+    folded = {wide[1].word: first, wide[3].word: first}
+    out, _ = make_bundle(tmp_path / "spelled", tiny_model, tiny_tok, respellings={BRITISH_USER: folded})
+    assert unpack(json.loads((out / RESPELL).read_text()), BRITISH_USER, "respell.json") == folded
+    engine = load_bundle(out, user=BRITISH_USER)
+    got = engine.suggest("what is your f", k=3)
+    assert words(got) == [first, wide[2].word, wide[4].word]  # the slots the merge freed are filled in order
+    assert got[0].prob == pytest.approx(wide[0].prob + wide[1].prob + wide[3].prob)  # one word, all its variants' mass
+    assert len(engine.suggest("what is your f", k=1)) == 1
+
