@@ -129,6 +129,8 @@ def lane_lm_loss(params: dict[str, torch.Tensor], batches: Sequence[Batch]) -> t
     feats = lane_lstm(emb, x != BOS, params["lstm.weight_ih_l0"], params["lstm.weight_hh_l0"],
                       params["lstm.bias_ih_l0"], params["lstm.bias_hh_l0"], params["lstm.weight_hr_l0"])
     feats = feats.reshape(L, T * R, D).gather(1, pos.unsqueeze(-1).expand(L, N, D))
+    if "adapter_A" in params:  # a residual adapter on the LSTM output, f + (f A) B (personalization.fedper)
+        feats = feats + torch.bmm(torch.bmm(feats, params["adapter_A"]), params["adapter_B"])
     logits = torch.baddbmm(params["out_bias"].unsqueeze(1), feats, E.transpose(1, 2))
     nll = F.cross_entropy(logits.reshape(L * N, V), tgt.reshape(-1), ignore_index=PAD, reduction="none").view(L, N)
     return nll.sum(1) / (tgt != PAD).sum(1).clamp(min=1)

@@ -6,7 +6,9 @@ part in several rounds) for the same number of client tokens, with the same seed
   afterwards (this package's default: spelling preference, gated adapter, gated phrase cache), and also
   the output bias alone (mode bias) as the closest match to the FedPer arm;
 - fedper: the output bias is FedPer-local (fl_core's local_params): each client keeps its own across rounds
-  and only the rest is averaged; a user is evaluated with the shared parameters plus their own bias.
+  and only the rest is averaged; a user is evaluated with the shared parameters plus their own bias;
+- fedper + adapter: the same with this package's whole local layer, the low-rank residual adapter on the LSTM
+  output and the output bias, kept on each client across rounds (AdaptedLM).
 Test splits measure all of them (top-1 over users' sampled test words).
 
     python -m personalization.fedper --run-dir runs/full --users 32 --tokens 300000 --json out.json
@@ -24,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedkey import config as C
 from fedkey.errors import FedkeyError
+from keyboard.model import KeyboardLM
 
 
 @dataclass
@@ -37,14 +41,49 @@ class FedPerConfig:
     tokens: int = field(default=300_000, metadata={"help": "federated client-token budget of each arm"})
     clients_per_round: int = field(default=8, metadata={"help": "clients a round"})
     local: str = field(default="out_bias", metadata={"help": "FedPer-local parameters (fl_core local_params globs)"})
+    rank: int = field(default=8, metadata={"help": "rank of the FedPer-local residual adapter (0: no adapter arm)"})
     server_lr: float = field(default=0.01, metadata={"help": "server Adam lr (the start is already trained)"})
+    # from a trained start over 32 users, 1.0 (fl_core's default) cost every arm a point of top-1 (session 19)
+    client_lr: float = field(default=0.3, metadata={"help": "client SGD lr, shared and local parameters alike"})
     eval_positions: int = field(default=20_000, metadata={"help": "test word positions evaluated (0: all)"})
     seed: int = field(default=0, metadata={"help": "seed of the user sample, the rounds and the evaluation"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
 
 
-def _federate(run_dir: Path, model_dir: Path, users: list[str], cfg: FedPerConfig, local: str, out: Path):
-    """Continue federated training of the model in model_dir over `users`; returns (model, tok, sim)."""
+ADAPTER_LOCAL = "adapter_A,adapter_B,out_bias"
+
+
+class AdaptedLM(KeyboardLM):
+    """KeyboardLM with a trainable residual adapter f + (f A) B on its LSTM output, FedPer's local layer.
+
+    The same form as a personalized user's adapter (PersonalizedLM), so a client's local A, B and bias
+    become that user's adapter file's arrays; B starts at zero, so the adapter starts as the identity.
+    """
+
+    def __init__(self, base: KeyboardLM, rank: int, seed: int = 0) -> None:
+        super().__init__(base.vocab_size, base.cfg)
+        self.load_state_dict(base.state_dict())
+        d = base.cfg.embed_dim
+        g = torch.Generator().manual_seed(seed)
+        self.adapter_A = nn.Parameter(torch.randn(d, rank, generator=g) * d**-0.5)
+        self.adapter_B = nn.Parameter(torch.zeros(rank, d))
+
+    def features(self, ids: torch.Tensor, state=None):
+        """Adapted LSTM outputs and the LSTM state (the adapter does not feed back into the recurrence)."""
+        feats, state = super().features(ids, state)
+        return feats + (feats @ self.adapter_A) @ self.adapter_B, state
+
+    def shared_model(self) -> KeyboardLM:
+        """The plain KeyboardLM of the shared parameters and this copy's out_bias."""
+        plain = KeyboardLM(self.vocab_size, self.cfg)
+        plain.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("adapter_")})
+        return plain.eval()
+
+
+def _federate(run_dir: Path, model_dir: Path, users: list[str], cfg: FedPerConfig, local: str, out: Path,
+              rank: int = 0):
+    """Continue federated training of the model in model_dir (with a rank-`rank` adapter if > 0) over `users`;
+    returns (model, tok, sim)."""
     from fedkey.fl_task import KeyboardTask
     from fedkey.pipeline import load_prepared
     from fl_core.config import FleetConfig, FLConfig
@@ -54,9 +93,11 @@ def _federate(run_dir: Path, model_dir: Path, users: list[str], cfg: FedPerConfi
 
     shards, _ = load_prepared(run_dir)
     model, tok, _ = load_model(model_dir)
+    if rank:
+        model = AdaptedLM(model, rank, cfg.seed)
     model.train()
     fcfg = FLConfig(seed=cfg.seed, max_tokens=cfg.tokens, clients_per_round=cfg.clients_per_round,
-                    server_lr=cfg.server_lr, pretrain_epochs=0, local_params=local, eval_every=0,
+                    server_lr=cfg.server_lr, client_lr=cfg.client_lr, pretrain_epochs=0, local_params=local, eval_every=0,
                     executor="sequential", threads=cfg.threads)
     fleet = FleetConfig(availability=False, overselect=1.0, dropout=0.0)  # every arm sees the same rounds
     spec = ParamSpec.of(model, fcfg.local_patterns())
@@ -101,12 +142,19 @@ def compare(run_dir: Path, model_dir: Path | None, cfg: FedPerConfig, progress: 
         t0 = time.perf_counter()
         per, _, sim_p = _federate(run_dir, model_dir, users, cfg, cfg.local, Path(tmp) / "fedper")
         out["seconds"]["fedper"] = time.perf_counter() - t0
-        # each user's own FedPer-local parameters, as of after the last round (init values if never selected)
+        # each user's own FedPer-local parameters, as of after the last round (None: never selected)
         locals_ = {u: sim_p.store.get(u, LOCAL, sim_p.state.round + 1) for u in users}
+        if cfg.rank:
+            t0 = time.perf_counter()
+            ada, _, sim_r = _federate(run_dir, model_dir, users, cfg, ADAPTER_LOCAL, Path(tmp) / "fedper_adapter",
+                                      cfg.rank)
+            out["seconds"]["fedper + adapter"] = time.perf_counter() - t0
+            locals_r = {u: sim_r.store.get(u, LOCAL, sim_r.state.round + 1) for u in users}
     if [e.name for e in sim_p.spec.local] != ["out_bias"]:
         raise FedkeyError(f"--local {cfg.local!r}: this comparison evaluates a FedPer-local out_bias only")
-    out["rounds"] = {"fedavg": sim_a.state.round, "fedper": sim_p.state.round}
-    out["tokens"] = {"fedavg": sim_a.tokens, "fedper": sim_p.tokens}
+    sims = {"fedavg": sim_a, "fedper": sim_p, **({"fedper + adapter": sim_r} if cfg.rank else {})}
+    out["rounds"] = {k: s.state.round for k, s in sims.items()}
+    out["tokens"] = {k: s.tokens for k, s in sims.items()}
     out["fedper_users_with_local"] = sum(v is not None for v in locals_.values())
 
     table = PieceTable.from_tokenizer(tok)
@@ -132,11 +180,18 @@ def compare(run_dir: Path, model_dir: Path | None, cfg: FedPerConfig, progress: 
     t0 = time.perf_counter()
     evs = evaluate_users(fed, list(banks.values()), tok, msgs, ecfg)
     evs_p = evaluate_users(per, [AdapterBank(per, {}), fedper_bank], tok, msgs, ecfg)
+    arms = [*zip(banks, evs), ("fedper (shared part, no local bias)", evs_p[0]),
+            ("fedper (shared + own local bias)", evs_p[1])]
+    if cfg.rank:
+        shared = ada.shared_model()
+        evs_r = evaluate_users(shared, [AdapterBank(shared, {}), AdapterBank(shared, _local_adapters(sim_r.spec, locals_r,
+                                                                                                   shared))], tok, msgs, ecfg)
+        arms += [("fedper + adapter (shared part, no local layer)", evs_r[0]),
+                 ("fedper + adapter (shared + own adapter and bias)", evs_r[1])]
     out["seconds"]["evaluate"] = time.perf_counter() - t0
     rows = {}
     ref = evs[0]
-    for name, ev in [*zip(banks, evs), ("fedper (shared part, no local bias)", evs_p[0]),
-                     ("fedper (shared + own local bias)", evs_p[1])]:
+    for name, ev in arms:
         gains = np.array(list(top1_gains(ref, ev).values()))
         rows[name] = {"mean_top1": ev["mean_over_users"]["top1"], "pooled_top1": ev["pooled"]["top1"],
                       "pooled_top3": ev["pooled"]["top3"],
@@ -144,6 +199,20 @@ def compare(run_dir: Path, model_dir: Path | None, cfg: FedPerConfig, progress: 
                       "hurt_vs_fedavg": int((gains < -0.005).sum()), "users": int(len(gains))}
     out["rows"] = rows
     out["n_words"] = ref["pooled"]["n_words"]
+    return out
+
+
+def _local_adapters(spec, locals_: dict[str, torch.Tensor | None], shared: KeyboardLM) -> dict[str, "AdapterArrays"]:
+    """Each selected user's FedPer-local A, B and output bias as adapter arrays over the shared model."""
+    from keyboard.adapter_file import AdapterArrays
+
+    out = {}
+    for u, v in locals_.items():
+        if v is None:
+            continue
+        part = {e.name: v[e.offset - spec.n_shared: e.offset - spec.n_shared + e.numel].view(*e.shape) for e in spec.local}
+        out[u] = AdapterArrays(part["adapter_A"].numpy(), part["adapter_B"].numpy(),
+                               (part["out_bias"] - shared.out_bias.detach()).numpy(), "", u, {})
     return out
 
 
@@ -165,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{cfg.users} users, {res['n_words']:,} test words; {cfg.tokens:,} federated tokens per arm "
-          f"({res['rounds']['fedavg']} / {res['rounds']['fedper']} rounds)")
+          f"({' / '.join(str(r) for r in res['rounds'].values())} rounds)")
     print("| arm | mean top-1 over users | pooled top-1 | pooled top-3 | mean gain vs fedavg | hurt > 0.5 pt |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in res["rows"].items():

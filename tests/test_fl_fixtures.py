@@ -94,8 +94,16 @@ def test_packing_keeps_every_token_once():
     assert n == max(sum(len(s) - 1 for s in b) for b in batches)
 
 
-def test_packed_lane_loss_equals_nn_lstm_loss_and_gradients(tiny_run):
+@pytest.mark.parametrize("rank", [0, 3])
+def test_packed_lane_loss_equals_nn_lstm_loss_and_gradients(tiny_run, rank):
     task, model = tiny_task(tiny_run)
+    if rank:  # FedPer's local residual adapter on the LSTM output (personalization.fedper)
+        from personalization.fedper import AdaptedLM
+
+        model = AdaptedLM(model, rank, seed=0)
+        with torch.no_grad():
+            model.adapter_B.normal_(0, 0.3)  # B starts at zero: make the adapter change something
+        task, _ = tiny_task(tiny_run, model=model)
     spec = ParamSpec.of(model)
     flat = spec.flatten(dict(model.named_parameters()))
     batches = random_batches(np.random.default_rng(1), [3, 7, 1, 4], vocab=model.vocab_size)

@@ -393,6 +393,27 @@ def test_fedper_comparison_refuses_an_unprepared_run(tmp_path, capsys):
     assert "no prepared data" in capsys.readouterr().err
 
 
+def test_fedper_adapter_arm_serves_each_user_their_own_local_layer(fed_model, tiny_tok):
+    from fl_core.params import ParamSpec
+    from keyboard.tokenizer import BOS
+    from personalization.fedper import ADAPTER_LOCAL, AdaptedLM, _local_adapters
+
+    ada = AdaptedLM(fed_model, 4, seed=0)
+    spec = ParamSpec.of(ada, ADAPTER_LOCAL.split(","))
+    assert sorted(e.name for e in spec.local) == ["adapter_A", "adapter_B", "out_bias"]  # the rest is federated
+    flat = spec.flatten(dict(ada.named_parameters()))
+    g = torch.Generator().manual_seed(0)
+    own = flat[spec.n_shared:] + 0.3 * torch.randn(spec.n_total - spec.n_shared, generator=g)  # one device's copy
+    device = spec.load_into(AdaptedLM(fed_model, 4, seed=0), torch.cat([flat[: spec.n_shared], own]))
+    shared = ada.shared_model()
+    arrays = _local_adapters(spec, {"u": own, "never selected": None}, shared)
+    assert list(arrays) == ["u"]
+    x = torch.tensor([[BOS] + tiny_tok.encode("what is your favorite color")])
+    with torch.no_grad():  # the user's adapter file over the shared model answers as their device's model did
+        torch.testing.assert_close(PersonalizedLM.from_arrays(shared, arrays["u"])(x)[0], device(x)[0])
+        assert not torch.allclose(shared(x)[0], device(x)[0], atol=1e-3)
+
+
 def test_locale_fills_in_where_the_users_own_words_say_nothing():
     pairs = {"color": "colour", "favorite": "favourite"}
     assert preferences(Counter(), pairs, 2) == []
