@@ -285,8 +285,8 @@ def message_numbers(messages: list[Message]) -> list[int]:
     return out
 
 
-def respell_results(qs: list, results: dict, respellings: dict[str, dict[str, str]], messages: list,
-                    parsed: dict, k: int = 3) -> list:
+def respell_results(qs: list[_Query], results: dict, respellings: dict[str, dict[str, str]], messages: list[Message],
+                    parsed: dict, k: int = 3) -> list[_Query]:
     """Each query's words in its user's own spelling (top k); returns the queries where two variants merged."""
     merged = []
     for q in qs:

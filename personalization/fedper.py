@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,7 +30,11 @@ from torch import nn
 
 from fedkey import config as C
 from fedkey.errors import FedkeyError
-from keyboard.model import KeyboardLM
+from keyboard.model import KeyboardLM, State
+
+if TYPE_CHECKING:
+    from fl_core.params import ParamSpec
+    from keyboard.adapter_file import AdapterArrays
 
 
 @dataclass
@@ -68,7 +72,7 @@ class AdaptedLM(KeyboardLM):
         self.adapter_A = nn.Parameter(torch.randn(d, rank, generator=g) * d**-0.5)
         self.adapter_B = nn.Parameter(torch.zeros(rank, d))
 
-    def features(self, ids: torch.Tensor, state=None):
+    def features(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Adapted LSTM outputs and the LSTM state (the adapter does not feed back into the recurrence)."""
         feats, state = super().features(ids, state)
         return feats + (feats @ self.adapter_A) @ self.adapter_B, state
@@ -202,7 +206,7 @@ def compare(run_dir: Path, model_dir: Path | None, cfg: FedPerConfig, progress: 
     return out
 
 
-def _local_adapters(spec, locals_: dict[str, torch.Tensor | None], shared: KeyboardLM) -> dict[str, "AdapterArrays"]:
+def _local_adapters(spec: ParamSpec, locals_: dict[str, torch.Tensor | None], shared: KeyboardLM) -> dict[str, AdapterArrays]:
     """Each selected user's FedPer-local A, B and output bias as adapter arrays over the shared model."""
     from keyboard.adapter_file import AdapterArrays
 
