@@ -27,7 +27,7 @@ def make_run(tmp_path, model, tok):
         save_adapter(adir / f"{user}.npz", ad)
     gate = {"ann": {"use_adapter": True, "val_global": 4.0, "val_personal": 3.0},
             "bob": {"use_adapter": True, "val_global": 4.0, "val_personal": 3.9}, "cid": {"use_adapter": False},
-            "dee": {"use_adapter": True}}
+            "dee": {"use_adapter": True}, "fay": {"use_adapter": False, "reason": "no validation slice"}}
     (run / "personal" / "gate.json").write_text(json.dumps(gate))
     return run
 
@@ -57,6 +57,7 @@ def test_export_ships_the_users_the_gate_chose(tmp_path, tiny_model, tiny_tok, c
 def test_export_errors_are_one_line(tmp_path, tiny_model, tiny_tok, capsys):
     run = make_run(tmp_path, tiny_model, tiny_tok)
     for argv, needle in ((["--user", "cid"], "gate kept the global model"), (["--user", "zed"], "no adapter for user"),
+                         (["--user", "fay"], "kept the global model for user 'fay' (no validation slice)"),
                          (["--user", "dee"], "trained on base model 000000000000")):
         assert main(["export", "--run-dir", str(run), "--no-progress", *argv]) == 2
         err = capsys.readouterr().err

@@ -69,6 +69,10 @@ def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_re
                 out[u] = (None, region_of.get(u) or entry.get("region", "?"))  # their phrase cache alone
                 continue
             if not path.is_file():
+                if u in gate and not entry.get("use_adapter", False):  # e.g. too little text to judge anything by
+                    raise FedkeyError(f"{gate_path}: the gate kept the global model for user {u!r} "
+                                      f"({entry.get('reason', 'nothing personal helped')}): nothing of theirs to ship; "
+                                      "pick another user")
                 raise FedkeyError(f"{path}: no adapter for user {u!r}; run `fedkey personalize` (or pick another user)")
             if gate and not entry.get("use_adapter", False):
                 raise FedkeyError(f"{gate_path}: the gate kept the global model for user {u!r} (neither the adapter "
