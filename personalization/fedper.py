@@ -11,13 +11,11 @@ part in several rounds) for the same number of client tokens, with the same seed
   output and the output bias, kept on each client across rounds (AdaptedLM).
 Test splits measure all of them (top-1 over users' sampled test words).
 
-    python -m personalization.fedper --run-dir runs/full --users 32 --tokens 300000 --json out.json
+    fedkey bench fedper --run-dir runs/full15 --users 32 --tokens 200000 --json out.json
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -196,11 +194,13 @@ def compare(run_dir: Path, model_dir: Path | None, cfg: FedPerConfig, progress: 
     rows = {}
     ref = evs[0]
     for name, ev in arms:
-        gains = np.array(list(top1_gains(ref, ev).values()))
+        per_user = top1_gains(ref, ev)
+        gains = np.array(list(per_user.values()))
         rows[name] = {"mean_top1": ev["mean_over_users"]["top1"], "pooled_top1": ev["pooled"]["top1"],
                       "pooled_top3": ev["pooled"]["top3"],
                       "mean_gain_vs_fedavg": float(gains.mean()) if len(gains) else None,
-                      "hurt_vs_fedavg": int((gains < -0.005).sum()), "users": int(len(gains))}
+                      "hurt_vs_fedavg": int((gains < -0.005).sum()), "users": int(len(gains)),
+                      "gain_per_user": {u: float(g) for u, g in per_user.items()}}
     out["rows"] = rows
     out["n_words"] = ref["pooled"]["n_words"]
     return out
@@ -220,34 +220,14 @@ def _local_adapters(spec: ParamSpec, locals_: dict[str, torch.Tensor | None], sh
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: run the comparison, print a table, optionally write JSON."""
-    from fedkey.io import write_json
-
-    ap = argparse.ArgumentParser(prog="python -m personalization.fedper", description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--model", type=Path, default=None, help="start model folder (default: the run's fl/ model)")
-    ap.add_argument("--json", type=Path, default=None)
-    for f in FedPerConfig.__dataclass_fields__.values():
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"])
-    a = ap.parse_args(argv)
-    cfg = FedPerConfig(**{k: getattr(a, k) for k in FedPerConfig.__dataclass_fields__})
-    try:
-        res = compare(a.run_dir, a.model, cfg)
-    except FedkeyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{cfg.users} users, {res['n_words']:,} test words; {cfg.tokens:,} federated tokens per arm "
-          f"({' / '.join(str(r) for r in res['rounds'].values())} rounds)")
-    print("| arm | mean top-1 over users | pooled top-1 | pooled top-3 | mean gain vs fedavg | hurt > 0.5 pt |")
-    print("|---|---:|---:|---:|---:|---:|")
+def markdown(res: dict[str, Any], cfg: FedPerConfig) -> str:
+    """The comparison as a Markdown table, with its size and budget on the line above."""
+    lines = [f"{cfg.users} users, {res['n_words']:,} test words; {cfg.tokens:,} federated tokens per arm "
+             f"({' / '.join(str(r) for r in res['rounds'].values())} rounds)",
+             "| arm | mean top-1 over users | pooled top-1 | pooled top-3 | mean gain vs fedavg | hurt > 0.5 pt |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, r in res["rows"].items():
-        print(f"| {name} | {100 * r['mean_top1']:.2f}% | {100 * r['pooled_top1']:.2f}% | {100 * r['pooled_top3']:.2f}% "
-              f"| {100 * r['mean_gain_vs_fedavg']:+.2f} pt | {r['hurt_vs_fedavg']}/{r['users']} |")
-    if a.json:
-        write_json(a.json, res)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        lines.append(f"| {name} | {100 * r['mean_top1']:.2f}% | {100 * r['pooled_top1']:.2f}% | "
+                     f"{100 * r['pooled_top3']:.2f}% | {100 * r['mean_gain_vs_fedavg']:+.2f} pt | "
+                     f"{r['hurt_vs_fedavg']}/{r['users']} |")
+    return "\n".join(lines)

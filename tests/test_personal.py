@@ -387,10 +387,9 @@ def test_regional_outcomes_say_where_the_own_variant_stood():
 
 
 def test_fedper_comparison_refuses_an_unprepared_run(tmp_path, capsys):
-    from personalization.fedper import main
-
-    assert main(["--run-dir", str(tmp_path), "--users", "4"]) == 2
-    assert "no prepared data" in capsys.readouterr().err
+    assert main(["bench", "fedper", "--run-dir", str(tmp_path), "--users", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "no prepared data" in err and len(err.strip().splitlines()) == 1
 
 
 def test_fedper_adapter_arm_serves_each_user_their_own_local_layer(fed_model, tiny_tok):
