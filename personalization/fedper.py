@@ -175,10 +175,7 @@ def compare(run_dir: Path, model_dir: Path | None, cfg: FedPerConfig, progress: 
         banks[name] = AdapterBank(fed, {r.user: AdapterArrays(r.A, r.B, r.user_bias, "", r.user, {})
                                         for r in res if r.use_adapter}, {r.user: r.cache for r in res if r.cache})
         out["seconds"][name] = time.perf_counter() - t0
-    d, V = per.cfg.embed_dim, per.vocab_size
-    ob = per.out_bias.detach()
-    fedper_bank = AdapterBank(per, {u: AdapterArrays(np.zeros((d, 0)), np.zeros((0, d)), (v - ob).numpy(), "", u, {})
-                                    for u, v in locals_.items() if v is not None})
+    fedper_bank = AdapterBank(per, _local_adapters(sim_p.spec, locals_, per))
     t0 = time.perf_counter()
     evs = evaluate_users(fed, list(banks.values()), tok, msgs, ecfg)
     evs_p = evaluate_users(per, [AdapterBank(per, {}), fedper_bank], tok, msgs, ecfg)
@@ -207,16 +204,18 @@ def compare(run_dir: Path, model_dir: Path | None, cfg: FedPerConfig, progress: 
 
 
 def _local_adapters(spec: ParamSpec, locals_: dict[str, torch.Tensor | None], shared: KeyboardLM) -> dict[str, AdapterArrays]:
-    """Each selected user's FedPer-local A, B and output bias as adapter arrays over the shared model."""
+    """Each selected user's FedPer-local output bias (and A, B where the adapter is local too: else rank 0) as
+    adapter arrays over the shared model."""
     from keyboard.adapter_file import AdapterArrays
 
+    d = shared.cfg.embed_dim
     out = {}
     for u, v in locals_.items():
         if v is None:
             continue
         part = {e.name: v[e.offset - spec.n_shared: e.offset - spec.n_shared + e.numel].view(*e.shape) for e in spec.local}
-        out[u] = AdapterArrays(part["adapter_A"].numpy(), part["adapter_B"].numpy(),
-                               (part["out_bias"] - shared.out_bias.detach()).numpy(), "", u, {})
+        A, B = part.get("adapter_A", torch.zeros(d, 0)), part.get("adapter_B", torch.zeros(0, d))
+        out[u] = AdapterArrays(A.numpy(), B.numpy(), (part["out_bias"] - shared.out_bias.detach()).numpy(), "", u, {})
     return out
 
 

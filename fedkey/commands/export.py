@@ -68,15 +68,13 @@ def choose_adapters(run_dir: Path, base_id: str, users: list[str] | None, per_re
             if entry.get("use_cache") and not entry.get("use_adapter"):
                 out[u] = (None, region_of.get(u) or entry.get("region", "?"))  # their phrase cache alone
                 continue
-            if not path.is_file():
-                if u in gate and not entry.get("use_adapter", False):  # e.g. too little text to judge anything by
-                    raise FedkeyError(f"{gate_path}: the gate kept the global model for user {u!r} "
-                                      f"({entry.get('reason', 'nothing personal helped')}): nothing of theirs to ship; "
-                                      "pick another user")
+            kept_global = bool(gate) and not entry.get("use_adapter", False)
+            # a user the gate judged may have no file at all (e.g. too little text to judge anything by)
+            if not path.is_file() and not (kept_global and u in gate):
                 raise FedkeyError(f"{path}: no adapter for user {u!r}; run `fedkey personalize` (or pick another user)")
-            if gate and not entry.get("use_adapter", False):
-                raise FedkeyError(f"{gate_path}: the gate kept the global model for user {u!r} (neither the adapter "
-                                  "nor the phrase cache helped on their validation text); ship another user")
+            if kept_global:
+                why = entry.get("reason") or "neither the adapter nor the phrase cache helped on their validation text"
+                raise FedkeyError(f"{gate_path}: the gate kept the global model for user {u!r} ({why}); ship another user")
             ad = load_adapter(path, expect_base_id=base_id)
             out[u] = (path, region_of.get(u) or ad.meta.get("region", "?"))
         return out
