@@ -56,6 +56,10 @@ class CentralConfig:
     batch_size: int = _f(16, "messages per batch (small batches learn most per token here)")
     max_tokens: int = _f(3_000_000, "stop after this many real (non-padding) training tokens")
     max_minutes: float = _f(0.0, "also stop after this many minutes (0: no limit)")
+    # one pass (~350k tokens) then 1.0M of the train split matched 1.4M from a random start on the quick
+    # preset's 20k positions (17.5% vs 17.5% top-1, docs/results/sweeps.md, session 20)
+    pretrain_epochs: float = _f(0.0, "start from a model pretrained on this many passes over the public users' text, "
+                                     "the federated stage's start when both ask the same (0: a random start)")
     max_len: int = _f(64, "longer messages are cut to this many pieces for training")
     clip: float = _f(1.0, "gradient norm clip")
     threads: int = _f(0, "torch threads (0: all cores)")
@@ -64,9 +68,10 @@ class CentralConfig:
         for name in ("batch_size", "max_len"):
             if getattr(self, name) < 1:
                 raise FedkeyError(f"[central].{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.max_tokens < 0 or self.threads < 0:
-            raise FedkeyError(f"[central]: lr must be > 0 and max_tokens, threads >= 0 "
-                              f"(got lr {self.lr}, max_tokens {self.max_tokens}, threads {self.threads})")
+        if self.lr <= 0 or self.max_tokens < 0 or self.threads < 0 or self.pretrain_epochs < 0:
+            raise FedkeyError(f"[central]: lr must be > 0 and max_tokens, threads, pretrain_epochs >= 0 (got lr "
+                              f"{self.lr}, max_tokens {self.max_tokens}, threads {self.threads}, "
+                              f"pretrain_epochs {self.pretrain_epochs})")
 
     @classmethod
     def short(cls, tokens: int, **overrides: Any) -> "CentralConfig":

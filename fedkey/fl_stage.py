@@ -20,7 +20,7 @@ import torch
 from fedkey import config as C
 from fedkey.errors import FedkeyError
 from fedkey.io import atomic_write_bytes, read_json, write_json
-from fedkey.pipeline import CENTRAL, DATA, evaluate_stage, load_prepared, public_seqs
+from fedkey.pipeline import CENTRAL, DATA, evaluate_stage, load_prepared, public_seqs, public_start
 from fedkey.progress import bar
 from fedkey.stages import is_done, mark_done, stage_key
 from fl_core.config import FleetConfig, FLConfig
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 FL = "fl"
 HISTORY = "history.jsonl"
-PRETRAIN = "public_pretrain"
+START = "start.json"  # what public_start returned for this stage
 # typical UTC offsets of the corpus' two regions: US users spread over the four mainland zones
 TZ = {"US": (-5.0, -6.0, -7.0, -8.0), "GB": (0.0,)}
 
@@ -62,37 +62,17 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
     torch.manual_seed(fcfg.seed)  # the same seed gives the central baseline's initial model
     model = KeyboardLM(tok.vocab_size, mcfg)
     # the central baseline's start: public users' unigram bias (no training user's text)
-    pub = public_seqs(shards, tok, fcfg.max_len)
-    model.init_output_bias(pub)
-    if fcfg.pretrain_epochs and pub:
-        pretrain_on_public(model, pub, fcfg, out_dir / PRETRAIN, progress)
-    elif fcfg.pretrain_epochs:  # a run prepared without public users (--public-frac 0) starts cold
-        print(f"{run_dir / DATA}: no public users' text, so no server pretraining (the start is random)", flush=True)
+    model.init_output_bias(public_seqs(shards, tok, fcfg.max_len))
+    pre = public_start(run_dir, model, shards, tok, fcfg.pretrain_epochs, fcfg.seed, fcfg.max_len, fcfg.threads,
+                       progress)
+    # the stage's result names the start it trained from
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / START, pre or {})
     spec = ParamSpec.of(model, fcfg.local_patterns())
     task = KeyboardTask(shards, tok, model, fcfg.batch_size, fcfg.max_messages, fcfg.max_len, fcfg.local_epochs)
     sim = Simulation(task, spec, users, spec.flatten(dict(model.named_parameters())), fcfg, fleet, out_dir,
                      aggregator=aggregator, tz_hours=region_time_zones(shards, users, fcfg.seed), evaluate=evaluate)
     return sim, model, tok
-
-
-def pretrain_on_public(model: KeyboardLM, pub: list[list[int]], fcfg: FLConfig, out_dir: Path,
-                       progress: bool = False) -> dict:
-    """Train the server's starting model on public users' text (never a training user's), resumably.
-
-    Gboard's federated models start from a server-pretrained one; a good start saves the many
-    rounds FedAvg needs to learn what any public text teaches.
-    """
-    from keyboard.train import train_central
-
-    tokens = int(fcfg.pretrain_epochs * sum(len(s) - 1 for s in pub))
-    ccfg = C.CentralConfig.short(tokens, seed=fcfg.seed, max_len=fcfg.max_len, threads=fcfg.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with bar(progress, "server pretraining on public users", tokens, unit="tok") as update:
-        result = train_central(model, pub, ccfg, out_dir, resume=True,
-                               on_progress=lambda p: update(p.tokens, f"loss {p.loss:.3f}  {p.tokens_per_s:,.0f} tok/s"))
-    model.train()
-    write_json(out_dir / "result.json", result)
-    return result
 
 
 class QuickEval:
@@ -183,8 +163,8 @@ def fl_stage(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: FleetCon
               "late": sum(x["late"] for x in h), "aborted": sum(x["aborted"] for x in h),
               "sat_out": sum(x["sat_out"] for x in h), "skipped_rounds": sum(bool(x["skipped"]) for x in h),
               "loss": h[-1]["loss"] if h else None}
-    if (out / PRETRAIN / "result.json").is_file():
-        pre = read_json(out / PRETRAIN / "result.json")
+    pre = read_json(out / START)
+    if pre:
         result.update(pretrain_tokens=pre["tokens"], pretrain_seconds=pre["seconds"])
     if private is not None and private.accountant is not None:
         acc = private.accountant

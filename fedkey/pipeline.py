@@ -14,9 +14,11 @@ from fedkey.stages import file_hash, is_done, mark_done, stage_key
 
 if TYPE_CHECKING:
     from data.shards import Shards
+    from keyboard.model import KeyboardLM
     from keyboard.tokenizer import Tokenizer
 
 DATA, TOKENIZER, CENTRAL = "data", "tokenizer", "central"
+PRETRAIN = "pretrain"
 
 
 def prepare_stage(run_dir: Path, cfg: C.PrepareConfig, progress: bool = True) -> dict[str, Any]:
@@ -80,6 +82,37 @@ def public_seqs(shards: Shards, tok: Tokenizer, max_len: int) -> list[list[int]]
     return encode_split(shards, tok, "public_train", max_len) if shards.users("public_train") else []
 
 
+def public_start(run_dir: Path, model: KeyboardLM, shards: Shards, tok: Tokenizer, epochs: float, seed: int,
+                 max_len: int, threads: int = 0, progress: bool = False) -> dict[str, Any] | None:
+    """Train `model` (freshly built from `seed`) on `epochs` passes over the public users' text, in place.
+
+    Gboard's federated models start from a server-pretrained one, and the centralized baseline may start
+    from the same model so the two are compared from one start. The result lives in
+    run_dir/pretrain/<key>/, keyed by everything that shapes it, so the stage that comes second (or a
+    resumed one) loads it instead of training it again. None when there is nothing to pretrain on.
+    """
+    from keyboard.train import train_central
+
+    pub = public_seqs(shards, tok, max_len)
+    if not epochs or not pub:
+        if epochs:  # a run prepared without public users (--public-frac 0) starts cold
+            print(f"{run_dir / DATA}: no public users' text, so no pretraining (the start is random)", flush=True)
+        return None
+    tokens = int(epochs * sum(len(s) - 1 for s in pub))
+    ccfg = C.CentralConfig.short(tokens, seed=seed, max_len=max_len, threads=threads)
+    # threads are left out of the key: both stages share the start whatever cores each was given
+    key = stage_key({"model": model.describe(), "epochs": epochs, "seed": seed, "max_len": max_len},
+                    {"tokenizer": tok.sha256, "shards": shards.manifest.get("source_hash", "")})
+    out_dir = run_dir / PRETRAIN / key[:16]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with bar(progress, "pretraining on public users", tokens, unit="tok") as update:
+        result = train_central(model, pub, ccfg, out_dir, resume=True,
+                               on_progress=lambda p: update(p.tokens, f"loss {p.loss:.3f}  {p.tokens_per_s:,.0f} tok/s"))
+    model.train()
+    write_json(out_dir / "result.json", result)
+    return result
+
+
 def central_stage(run_dir: Path, mcfg: C.ModelConfig, ccfg: C.CentralConfig, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """Train the centralized baseline on all training users' train splits (skipped if already done)."""
@@ -97,15 +130,19 @@ def central_stage(run_dir: Path, mcfg: C.ModelConfig, ccfg: C.CentralConfig, res
     if is_done(out, key, ["model.pt"]):
         return {**read_json(out / "stage.json").get("result", {}), "skipped": True}
     C.save(out / "config.toml", mcfg, ccfg)
-    torch.manual_seed(ccfg.seed)
-    model = KeyboardLM(tok.vocab_size, mcfg)
-    model.init_output_bias(public_seqs(shards, tok, ccfg.max_len))
     seqs = encode_split(shards, tok, "train", ccfg.max_len)
     if not seqs:
         raise FedkeyError(f"{run_dir / DATA}: the train split is empty; prepare with more users or a lower --min-words")
+    torch.manual_seed(ccfg.seed)
+    model = KeyboardLM(tok.vocab_size, mcfg)
+    model.init_output_bias(public_seqs(shards, tok, ccfg.max_len))
+    pre = public_start(run_dir, model, shards, tok, ccfg.pretrain_epochs, ccfg.seed, ccfg.max_len, ccfg.threads,
+                       progress)
     with bar(progress, "centralized training", ccfg.max_tokens, unit="tok") as update:
         result = train_central(model, seqs, ccfg, out, resume=resume,
                                on_progress=lambda p: update(p.tokens, f"loss {p.loss:.3f}  {p.tokens_per_s:,.0f} tok/s"))
+    if pre:
+        result.update(pretrain_tokens=pre["tokens"], pretrain_seconds=pre["seconds"])
     save_model(out, model, tok, config=cfgd, result=result)
     mark_done(out, key, cfgd, inputs, result=result)
     return {**result, "skipped": False}

@@ -190,11 +190,17 @@ def _quality(run: RunFiles) -> Section | None:
     regions = sorted({g for _, ev in models for g in ev.get("by_region", {})}, reverse=True)  # US before GB
     by_region = [[f"{g}: {label.split(' (')[0]}", *metric_cells(ev["by_region"][g])]
                  for g in regions for label, ev in models if g in ev.get("by_region", {})]
-    caption = ""
+    notes = []
+    central = (run.json("central/stage.json") or {}).get("result", {})
+    if central.get("tokens"):
+        start = (f"from the federated model's start ({_count(central['pretrain_tokens'])} tokens of public users' "
+                 "text)" if central.get("pretrain_tokens") else "from a random start")
+        notes.append(f"centralized: {_count(central['tokens'])} tokens of the training users' text, {start}")
     if pers and "personalized" in pers:
         glob = pers.get("global", {}).get("pooled", {})
-        caption = (f"personalized: a sample of the {pers.get('users', 0):,} personalized users' test messages; "
-                   f"the {base} model on the same sample scores top-1 {_pct(glob.get('top1'))}")
+        notes.append(f"personalized: a sample of the {pers.get('users', 0):,} personalized users' test messages; "
+                     f"the {base} model on the same sample scores top-1 {_pct(glob.get('top1'))}")
+    caption = "; ".join(notes)
     tables = [Table(["model", *METRICS], rows, "test split, pooled over words", caption)]
     if by_region:
         tables.append(Table(["region: model", *METRICS], by_region, "by the user's region"))

@@ -112,6 +112,36 @@ class PhraseCache:
             out = (k, tot, float(hit[1].max()) / tot)
         return out
 
+    def mix_logrow(self, logp: np.ndarray, history: list[int], before: int | None = None) -> np.ndarray:
+        """mix_row of one row of log-probabilities, as float64 log-probabilities.
+
+        Each order scales the whole distribution by (1 - lam_k) and adds mass to a few pieces, so every piece the
+        cache never saw after this history moves by one shift: only the seen ones need exp and log, which were
+        most of the cost of mixing 8k-piece rows one by one.
+        """
+        scale, extra, seen = 1.0, {}, []
+        for k in range(1, self.order):
+            if len(history) < k:
+                break
+            hit = self.hit(tuple(history[-k:]), before)
+            if hit is None:
+                break  # a longer context containing an unseen one is unseen too
+            ids, cnt = hit
+            tot = cnt.sum()
+            lk = self.lam * tot / (tot + self.m0)
+            scale *= 1 - lk
+            for j in extra:
+                extra[j] *= 1 - lk
+            for j, c in zip(ids.tolist(), (lk * cnt / tot).tolist()):
+                extra[j] = extra.get(j, 0.0) + c
+            seen.append(ids)
+        row = logp.astype(np.float64) + np.log(scale)
+        if extra:
+            ids = np.fromiter(extra, dtype=np.int64, count=len(extra))
+            add = np.fromiter(extra.values(), dtype=np.float64, count=len(extra))
+            row[ids] = np.log(np.exp(logp[ids].astype(np.float64)) * scale + add + 1e-30)
+        return row
+
     def mix_row(self, p: np.ndarray, history: list[int], before: int | None = None) -> np.ndarray:
         """One distribution p (vocab,) after `history` (pieces, oldest first) mixed with the cache, in place."""
         for k in range(1, self.order):
@@ -137,6 +167,8 @@ class ReplayCache(PhraseCache):
     """
 
     sent: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ctx -> (ids, message)
+    # (context, message) -> merged counts: a beam search asks the same few contexts again and again
+    _merged: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def replay(cls, cache: PhraseCache, seqs: list[list[int]]) -> "ReplayCache":
@@ -155,14 +187,17 @@ class ReplayCache(PhraseCache):
         own, sent = self.table.get(ctx), self.sent.get(ctx)
         if before is None or sent is None:
             return own
-        ids = sent[0][sent[1] < before]
-        if not len(ids):
+        n = int(np.searchsorted(sent[1], before))  # messages are replayed in order: the learned ones come first
+        if not n:
             return own
-        w = np.ones(len(ids))
-        if own is not None:
-            ids, w = np.concatenate([own[0], ids]), np.concatenate([own[1], w])
-        uniq, inv = np.unique(ids, return_inverse=True)
-        return uniq, np.bincount(inv, weights=w)
+        key = (ctx, n)
+        if key not in self._merged:
+            ids, w = sent[0][:n], np.ones(n)
+            if own is not None:
+                ids, w = np.concatenate([own[0], ids]), np.concatenate([own[1], w])
+            uniq, inv = np.unique(ids, return_inverse=True)
+            self._merged[key] = (uniq, np.bincount(inv, weights=w))
+        return self._merged[key]
 
 
 def _table_of(ctx: np.ndarray, nxt: np.ndarray, weight: np.ndarray,
@@ -219,8 +254,7 @@ def mix_logp(logp: np.ndarray, caches: list[PhraseCache | None], histories: np.n
             continue  # most rows: nothing typed after this piece before
         if out is logp:
             out = logp.copy()
-        p = np.exp(logp[i].astype(np.float64))
-        row = np.log(cache.mix_row(p, hist, b) + 1e-30)
+        row = cache.mix_logrow(logp[i], hist, b)
         if sentinel is not None and row.argmax() != logp[i].argmax() and not sentinel.passes(
                 features(feats[i], logp[i], row, cache.longest(hist, b), sentinel.starts)):
             continue

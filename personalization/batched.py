@@ -29,6 +29,7 @@ from keyboard.sentinel import Sentinel
 from personalization.gate import decide, decide_cache, spelling_only_ok
 
 TOPK_CANDIDATES = 8  # base-model candidates per position that vote for the user's shortlist
+CHUNK = 256  # positions per full-vocabulary block
 MAX_BIAS_STEP = 1.0  # Newton on a log-count overshoots from far below; a bias moves at most this per step
 
 
@@ -138,9 +139,11 @@ def _positions(base: KeyboardLM, F: torch.Tensor, Y: torch.Tensor, mask: torch.T
     flat_f, flat_y = F[mask], Y[mask]
     logZ, tgt, mu, top = [], [], [], []
     with torch.inference_mode():
-        for s in range(0, len(flat_f), 4096):
-            lg = torch.addmm(ob, flat_f[s:s + 4096], E.t())
-            tgt.append(lg.gather(1, flat_y[s:s + 4096, None])[:, 0])
+        # chunks of 256 positions keep each (chunk x vocab) block in cache through its five passes: this
+        # machine's memory bandwidth, not its arithmetic, set the pace at 4,096 (1.2 s vs 0.8 s per 16k positions)
+        for s in range(0, len(flat_f), CHUNK):
+            lg = torch.addmm(ob, flat_f[s:s + CHUNK], E.t())
+            tgt.append(lg.gather(1, flat_y[s:s + CHUNK, None])[:, 0])
             if S is None:  # the validation pass reuses the train pass's shortlist
                 top.append(lg.topk(TOPK_CANDIDATES, -1).indices)
             # one exp pass gives both the log-partition and the softmax (logsumexp + softmax took two)

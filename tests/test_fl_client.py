@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -122,22 +124,52 @@ def test_fl_core_trains_any_module_and_vmap_lanes_match():
 
 def test_public_pretraining_starts_from_a_model_that_knows_public_text_and_is_reproducible(tiny_run, tmp_path):
     from fedkey.fl_stage import build_simulation
-    from fedkey.pipeline import load_prepared, public_seqs
+    from fedkey.pipeline import PRETRAIN, load_prepared, public_seqs
     from keyboard.batches import pad_batch
     from keyboard.train import lm_loss
 
-    shards, tok = load_prepared(tiny_run)
+    run = tmp_path / "run"  # a copy of the prepared run, so no other test's pretraining is found
+    for part in ("data", "tokenizer"):
+        shutil.copytree(tiny_run / part, run / part)
+    shards, tok = load_prepared(run)
     x, y = pad_batch(public_seqs(shards, tok, 64)[:200])
 
     def start(pretrain: float, out: str) -> torch.Tensor:
-        _, model, _ = build_simulation(tiny_run, TINY_MODEL, fl_cfg(pretrain_epochs=pretrain), fleet_cfg(), tmp_path / out)
+        _, model, _ = build_simulation(run, TINY_MODEL, fl_cfg(pretrain_epochs=pretrain), fleet_cfg(), tmp_path / out)
         with torch.no_grad():
             return lm_loss(model.eval(), x, y)[0]
 
     cold = start(0.0, "cold")
     warm = start(20.0, "warm")
     assert warm < cold - 0.3  # the server's start has learned from public users' text
-    assert start(20.0, "warm_again") == warm  # same seed, same start
+    shutil.rmtree(run / PRETRAIN)
+    assert start(20.0, "warm_again") == warm  # trained again: same seed, same start
+
+
+def test_centralized_baseline_starts_from_the_federated_start_trained_once(tiny_run, tmp_path, monkeypatch):
+    import keyboard.train
+    from fedkey import config as C
+    from fedkey.fl_stage import START, build_simulation
+    from fedkey.pipeline import CENTRAL, PRETRAIN, central_stage
+    from keyboard.checkpoint import load_model
+
+    run = tmp_path / "run"
+    for part in ("data", "tokenizer"):
+        shutil.copytree(tiny_run / part, run / part)
+    # no centralized tokens: the baseline's model is its start
+    res = central_stage(run, TINY_MODEL, C.CentralConfig(max_tokens=0, pretrain_epochs=20.0), progress=False)
+    assert res["pretrain_tokens"] > 0
+    steps = []
+    monkeypatch.setattr(keyboard.train, "lm_loss", lambda *a: steps.append(1) or lm_loss(*a))
+    _, model, _ = build_simulation(run, TINY_MODEL, fl_cfg(pretrain_epochs=20.0), fleet_cfg(), tmp_path / "fl")
+    assert not steps  # the federated stage loaded the start the centralized one trained
+    central, _, _ = load_model(run / CENTRAL)
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, central.state_dict()[name]), name
+    assert json.loads((tmp_path / "fl" / START).read_text())["tokens"] == res["pretrain_tokens"]
+    # another number of passes is another start, trained beside the first
+    build_simulation(run, TINY_MODEL, fl_cfg(pretrain_epochs=5.0), fleet_cfg(), tmp_path / "fl5")
+    assert steps and len(list((run / PRETRAIN).iterdir())) == 2
 
 
 def test_client_training_flushes_subnormal_floats_and_gives_the_mode_back(tiny_run):
