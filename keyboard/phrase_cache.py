@@ -16,6 +16,7 @@ NumPy only: the on-device runtime applies it (`PhraseCacheBackend`) and adds eac
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -112,14 +113,9 @@ class PhraseCache:
             out = (k, tot, float(hit[1].max()) / tot)
         return out
 
-    def mix_logrow(self, logp: np.ndarray, history: list[int], before: int | None = None) -> np.ndarray:
-        """mix_row of one row of log-probabilities, as float64 log-probabilities.
-
-        Each order scales the whole distribution by (1 - lam_k) and adds mass to a few pieces, so every piece the
-        cache never saw after this history moves by one shift: only the seen ones need exp and log, which were
-        most of the cost of mixing 8k-piece rows one by one.
-        """
-        scale, extra, seen = 1.0, {}, []
+    def _orders(self, history: list[int], before: int | None) -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
+        """Per context length seen after `history`, shortest first: its weight lam_k, and each piece seen after it
+        with lam_k times its share of the context's count."""
         for k in range(1, self.order):
             if len(history) < k:
                 break
@@ -129,12 +125,22 @@ class PhraseCache:
             ids, cnt = hit
             tot = cnt.sum()
             lk = self.lam * tot / (tot + self.m0)
+            yield lk, ids, lk * cnt / tot
+
+    def mix_logrow(self, logp: np.ndarray, history: list[int], before: int | None = None) -> np.ndarray:
+        """mix_row of one row of log-probabilities, as float64 log-probabilities.
+
+        Each order scales the whole distribution by (1 - lam_k) and adds mass to a few pieces, so every piece the
+        cache never saw after this history moves by one shift: only the seen ones need exp and log, which were
+        most of the cost of mixing 8k-piece rows one by one.
+        """
+        scale, extra = 1.0, {}
+        for lk, ids, mass in self._orders(history, before):
             scale *= 1 - lk
             for j in extra:
                 extra[j] *= 1 - lk
-            for j, c in zip(ids.tolist(), (lk * cnt / tot).tolist()):
+            for j, c in zip(ids.tolist(), mass.tolist()):
                 extra[j] = extra.get(j, 0.0) + c
-            seen.append(ids)
         row = logp.astype(np.float64) + np.log(scale)
         if extra:
             ids = np.fromiter(extra, dtype=np.int64, count=len(extra))
@@ -144,17 +150,9 @@ class PhraseCache:
 
     def mix_row(self, p: np.ndarray, history: list[int], before: int | None = None) -> np.ndarray:
         """One distribution p (vocab,) after `history` (pieces, oldest first) mixed with the cache, in place."""
-        for k in range(1, self.order):
-            if len(history) < k:
-                break
-            hit = self.hit(tuple(history[-k:]), before)
-            if hit is None:
-                break  # a longer context containing an unseen one is unseen too
-            ids, cnt = hit
-            tot = cnt.sum()
-            lk = self.lam * tot / (tot + self.m0)
+        for lk, ids, mass in self._orders(history, before):
             p *= 1 - lk
-            p[ids] += lk * cnt / tot
+            p[ids] += mass
         return p
 
 
