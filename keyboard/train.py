@@ -113,6 +113,7 @@ def train_central(
                 break
         else:
             epoch, batch_idx = epoch + 1, 0
-    checkpoint()
+    if run_tokens or not state_path.exists():  # a finished run resumed (a shared pretrained start) has nothing new
+        checkpoint()
     model.eval()
     return {"tokens": tokens, "seconds": elapsed, "loss": loss_ema, "epochs": epoch + batch_idx / max(1, np.ceil(len(seqs) / cfg.batch_size))}

@@ -159,10 +159,13 @@ def test_centralized_baseline_starts_from_the_federated_start_trained_once(tiny_
     # no centralized tokens: the baseline's model is its start
     res = central_stage(run, TINY_MODEL, C.CentralConfig(max_tokens=0, pretrain_epochs=20.0), progress=False)
     assert res["pretrain_tokens"] > 0
+    (state,) = (run / PRETRAIN).glob("*/train_state.pt")
+    written = state.stat().st_mtime_ns
     steps = []
     monkeypatch.setattr(keyboard.train, "lm_loss", lambda *a: steps.append(1) or lm_loss(*a))
     _, model, _ = build_simulation(run, TINY_MODEL, fl_cfg(pretrain_epochs=20.0), fleet_cfg(), tmp_path / "fl")
     assert not steps  # the federated stage loaded the start the centralized one trained
+    assert state.stat().st_mtime_ns == written  # and left its file as it was
     central, _, _ = load_model(run / CENTRAL)
     for name, p in model.state_dict().items():
         assert torch.equal(p, central.state_dict()[name]), name
