@@ -49,6 +49,8 @@ def _prepare(run: Path) -> None:
 def _full_run(run: Path, dp: bool) -> None:
     _prepare(run)
     write_json(run / "central" / "eval_test.json", {**_evaluation(0.165), "baseline_ngram": _m(0.17)})
+    mark_done(run / "central", "k", {}, {}, result={"tokens": 1_000_034, "seconds": 200.0, "pretrain_tokens": 345_629,
+                                                    "pretrain_seconds": 80.0})
     write_json(run / "fl" / "eval_test.json", _evaluation(0.15))
     fcfg, fleet = FLConfig(max_tokens=50_000, clients_per_round=8, compress="topk", topk_frac=0.02), FleetConfig()
     cfgd = {"model": {"embed_dim": 16, "hidden": 32}, "fl": C.to_dict(fcfg), "fleet": C.to_dict(fleet)}
@@ -126,6 +128,16 @@ def test_no_dp_no_privacy_rows(tmp_path: Path) -> None:
     _full_run(tmp_path, dp=False)
     md = render_markdown(collect(tmp_path), tmp_path)
     assert "epsilon" not in md and "secure aggregation" not in md
+
+
+def test_quality_table_says_where_the_centralized_baseline_started(tmp_path: Path) -> None:
+    _full_run(tmp_path, dp=False)
+    md = render_markdown(collect(tmp_path), tmp_path)
+    assert ("*centralized: 1,000,034 tokens of the training users' text, from the federated model's start "
+            "(345,629 tokens of public users' text); personalized:") in md
+    mark_done(tmp_path / "central", "k", {}, {}, result={"tokens": 3_000_000, "seconds": 900.0})
+    md = render_markdown(collect(tmp_path), tmp_path)
+    assert "*centralized: 3,000,000 tokens of the training users' text, from a random start; personalized:" in md
 
 
 def test_prepare_only(tmp_path: Path) -> None:
