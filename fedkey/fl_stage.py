@@ -20,7 +20,7 @@ import torch
 from fedkey import config as C
 from fedkey.errors import FedkeyError
 from fedkey.io import atomic_write_bytes, read_json, write_json
-from fedkey.pipeline import CENTRAL, DATA, evaluate_stage, load_prepared, public_seqs, public_start
+from fedkey.pipeline import CENTRAL, DATA, evaluate_stage, load_prepared, public_start
 from fedkey.progress import bar
 from fedkey.stages import is_done, mark_done, stage_key
 from fl_core.config import FleetConfig, FLConfig
@@ -53,18 +53,14 @@ def build_simulation(run_dir: Path, mcfg: C.ModelConfig, fcfg: FLConfig, fleet: 
                      progress: bool = False) -> tuple[Simulation, KeyboardLM, Tokenizer]:
     """The simulation over the run's training users, its model template and the tokenizer."""
     from fedkey.fl_task import KeyboardTask
-    from keyboard.model import KeyboardLM
 
     shards, tok = load_prepared(run_dir)
     users = shards.users("train")
     if not users:
         raise FedkeyError(f"{run_dir / DATA}: no training users; prepare with more users or a lower --min-words")
-    torch.manual_seed(fcfg.seed)  # the same seed gives the central baseline's initial model
-    model = KeyboardLM(tok.vocab_size, mcfg)
-    # the central baseline's start: public users' unigram bias (no training user's text)
-    model.init_output_bias(public_seqs(shards, tok, fcfg.max_len))
-    pre = public_start(run_dir, model, shards, tok, fcfg.pretrain_epochs, fcfg.seed, fcfg.max_len, fcfg.threads,
-                       progress)
+    # the same seed and passes give the centralized baseline's start
+    model, pre = public_start(run_dir, mcfg, shards, tok, fcfg.pretrain_epochs, fcfg.seed, fcfg.max_len, fcfg.threads,
+                              progress)
     # the stage's result names the start it trained from
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / START, pre or {})

@@ -82,22 +82,29 @@ def public_seqs(shards: Shards, tok: Tokenizer, max_len: int) -> list[list[int]]
     return encode_split(shards, tok, "public_train", max_len) if shards.users("public_train") else []
 
 
-def public_start(run_dir: Path, model: KeyboardLM, shards: Shards, tok: Tokenizer, epochs: float, seed: int,
-                 max_len: int, threads: int = 0, progress: bool = False) -> dict[str, Any] | None:
-    """Train `model` (freshly built from `seed`) on `epochs` passes over the public users' text, in place.
+def public_start(run_dir: Path, mcfg: C.ModelConfig, shards: Shards, tok: Tokenizer, epochs: float, seed: int,
+                 max_len: int, threads: int = 0, progress: bool = False) -> tuple[KeyboardLM, dict[str, Any] | None]:
+    """The starting model of a training stage: built from `seed` with the public users' unigram output bias, then
+    trained on `epochs` passes over their text (no training user's text either way); and that training's result.
 
     Gboard's federated models start from a server-pretrained one, and the centralized baseline may start
-    from the same model so the two are compared from one start. The result lives in
+    from the same model so the two are compared from one start. The pretraining lives in
     run_dir/pretrain/<key>/, keyed by everything that shapes it, so the stage that comes second (or a
-    resumed one) loads it instead of training it again. None when there is nothing to pretrain on.
+    resumed one) loads it instead of training it again. The result is None when nothing was pretrained.
     """
+    import torch
+
+    from keyboard.model import KeyboardLM
     from keyboard.train import train_central
 
+    torch.manual_seed(seed)
+    model = KeyboardLM(tok.vocab_size, mcfg)
     pub = public_seqs(shards, tok, max_len)
+    model.init_output_bias(pub)
     if not epochs or not pub:
         if epochs:  # a run prepared without public users (--public-frac 0) starts cold
             print(f"{run_dir / DATA}: no public users' text, so no pretraining (the start is random)", flush=True)
-        return None
+        return model, None
     tokens = int(epochs * sum(len(s) - 1 for s in pub))
     ccfg = C.CentralConfig.short(tokens, seed=seed, max_len=max_len, threads=threads)
     # threads are left out of the key: both stages share the start whatever cores each was given
@@ -110,16 +117,13 @@ def public_start(run_dir: Path, model: KeyboardLM, shards: Shards, tok: Tokenize
                                on_progress=lambda p: update(p.tokens, f"loss {p.loss:.3f}  {p.tokens_per_s:,.0f} tok/s"))
     model.train()
     write_json(out_dir / "result.json", result)
-    return result
+    return model, result
 
 
 def central_stage(run_dir: Path, mcfg: C.ModelConfig, ccfg: C.CentralConfig, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """Train the centralized baseline on all training users' train splits (skipped if already done)."""
-    import torch
-
     from keyboard.checkpoint import save_model
-    from keyboard.model import KeyboardLM
     from keyboard.train import train_central
 
     shards, tok = load_prepared(run_dir)
@@ -133,11 +137,8 @@ def central_stage(run_dir: Path, mcfg: C.ModelConfig, ccfg: C.CentralConfig, res
     seqs = encode_split(shards, tok, "train", ccfg.max_len)
     if not seqs:
         raise FedkeyError(f"{run_dir / DATA}: the train split is empty; prepare with more users or a lower --min-words")
-    torch.manual_seed(ccfg.seed)
-    model = KeyboardLM(tok.vocab_size, mcfg)
-    model.init_output_bias(public_seqs(shards, tok, ccfg.max_len))
-    pre = public_start(run_dir, model, shards, tok, ccfg.pretrain_epochs, ccfg.seed, ccfg.max_len, ccfg.threads,
-                       progress)
+    model, pre = public_start(run_dir, mcfg, shards, tok, ccfg.pretrain_epochs, ccfg.seed, ccfg.max_len,
+                              ccfg.threads, progress)
     with bar(progress, "centralized training", ccfg.max_tokens, unit="tok") as update:
         result = train_central(model, seqs, ccfg, out, resume=resume,
                                on_progress=lambda p: update(p.tokens, f"loss {p.loss:.3f}  {p.tokens_per_s:,.0f} tok/s"))
