@@ -23,8 +23,13 @@ class PersonalConfig:
     lr: float = _f(0.01, "Adam learning rate of the low-rank adapter")
     bias_lr: float = _f(0.7, "damping of the output bias's diagonal Newton steps (1: full steps)")
     prior_bias: float = _f(30.0, "pseudo-count of the output bias's prior: bias ~ log((typed + k) / (expected + k))")
+    # with respelling on, pushing the other variant down hid it before it could be shown respelled: on runs/full21's
+    # model GB users' regional-variant accuracy once "colo"/"favo" is typed went 79.7% -> 85.8% without the push,
+    # next-word 29.7% -> 34.5%, as typed 93.9% -> 94.6%; top-1 gain and users hurt the same (docs/results/sweeps.md,
+    # session 21)
     regional_penalty: float = _f(4.0, "spelling preference: where the user typed one variant of an American/British "
-                                 "pair and never the other, the other's first piece goes down this many nats (0: off)")
+                                 "pair and never the other, the other's first piece goes down this many nats if "
+                                 "suggestions are not respelled (regional_respell false; 0: the whole preference off)")
     regional_max_lift: float = _f(3.0, "spelling preference: the own variant's first piece goes up by at most this "
                                   "(it takes over the other variant's unigram mass)")
     regional_min_words: int = _f(2, "a user with this many regional words typed, all of one region, gets that "

@@ -3,9 +3,11 @@
 The data-driven bias cannot flip "favorite" -> "favourite": a word typed a handful of times moves its
 bias by a fraction of a nat under any prior strong enough not to hurt top-1 elsewhere, while the base
 prefers the American variant by 1-3 nats. A public American/British pair list makes the step explicit:
-where the user typed one variant of a pair and never the other, the other variant's first piece goes
-down by `penalty` nats (only where that piece is the whole word: "▁travel" of "travelled" is also "travel")
-and the own variant's first piece takes over the other's unigram mass. A user
+where the user typed one variant of a pair and never the other, the own variant's first piece takes over
+the other's unigram mass, and, where suggestions are not respelled, the other variant's first piece goes
+down by `penalty` nats (only where that piece is the whole word: "▁travel" of "travelled" is also "travel").
+With respelling on, pushing the other variant down only hides it from the word search before it can be
+shown in the user's spelling ("the colo" offered "colon" instead of "colour"). A user
 whose typed pairs are all of one region gets that region's variant for every pair ("British-ness
 generalizes"). Only first pieces are touched: a continuation piece ("ise", "er") is shared by
 unrelated words, and so is a short first piece ("▁the" of "theatre", "▁mu" of "mum").
@@ -71,9 +73,11 @@ def preferences(counts: Counter, pairs: dict[str, str], min_words: int,
 
 
 def spelling_bias(prefs: list[tuple[str, str]], tok: Tokenizer, out_bias: np.ndarray, penalty: float,
-                  max_lift: float, cache: dict[str, tuple] | None = None) -> dict[int, float]:
-    """Bias entries {piece: nats} of the preferences: the other variant's first piece down by `penalty`,
-    the own variant's up by log(1 + p(other) / p(own)) under the base's unigram bias (at most `max_lift`)."""
+                  max_lift: float, cache: dict[str, tuple] | None = None,
+                  push_down: bool = True) -> dict[int, float]:
+    """Bias entries {piece: nats} of the preferences (none if `penalty` <= 0): the own variant's first piece up
+    by log(1 + p(other) / p(own)) under the base's unigram bias (at most `max_lift`), and with `push_down` the
+    other variant's first piece down by `penalty`."""
     if penalty <= 0 or not prefs:
         return {}
     down: set[int] = set()
@@ -86,7 +90,7 @@ def spelling_bias(prefs: list[tuple[str, str]], tok: Tokenizer, out_bias: np.nda
         (po, _), (pt, n_other) = cache[own], cache[other]
         if pt is None or po == pt:
             continue
-        if n_other == 1:
+        if push_down and n_other == 1:
             # only a piece that is the whole other word goes down: "▁travel" of "travelled" is also "travel"
             down.add(pt)
         if po is not None:
@@ -106,5 +110,6 @@ def attach_spelling(users: list[UserData], tok: Tokenizer, out_bias: np.ndarray,
         locale = u.region if cfg.regional_locale else None
         prefs = preferences(u.words, pairs, cfg.regional_min_words, locale)
         u.respell = {other: own for own, other in prefs} if cfg.regional_respell else {}
-        u.spelling = spelling_bias(prefs, tok, out_bias,
-                                   cfg.regional_penalty, cfg.regional_max_lift, cache)
+        # respelled suggestions show the other variant's mass as the own word: it must not be pushed out of them
+        u.spelling = spelling_bias(prefs, tok, out_bias, cfg.regional_penalty, cfg.regional_max_lift, cache,
+                                   push_down=not cfg.regional_respell)

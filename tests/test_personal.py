@@ -21,7 +21,7 @@ from keyboard.model import KeyboardLM
 from keyboard.predictor import Predictor
 from keyboard.torch_backend import TorchBackend
 from keyboard.train import train_central
-from keyboard.words import PieceTable
+from keyboard.words import PieceTable, respell, split_typed
 from personalization.batched import Positions, UserResult, step_nll, train_adapters
 from personalization.config import PersonalConfig
 from personalization.data import split_user
@@ -83,8 +83,10 @@ def with_words(ud, texts: list[str]):
 
 @pytest.fixture(scope="module")
 def brit(fed_model, tiny_tok):
-    # the tiny model has memorised its phrases: its color/colour gap is wider than the default penalty
-    cfg = PersonalConfig(steps=40, regional_penalty=8.0)
+    # the tiny model has memorised its phrases: its color/colour gap is wider than the default penalty. Without
+    # respelling the preference is all in the model (the other variant pushed down), as a runtime that does not
+    # respell would get it
+    cfg = PersonalConfig(steps=40, regional_penalty=8.0, regional_respell=False)
     ud = with_words(user_data(tiny_tok, "brit", british_texts(), cfg), british_texts())
     attach_spelling([ud], tiny_tok, fed_model.out_bias.detach().numpy(), PAIRS, cfg)
     return train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
@@ -258,6 +260,25 @@ def test_spelling_preferences_from_own_words():
     assert preferences(Counter({"colour": 1, "favorite": 5}), PAIRS, 2) == [("favorite", "favourite")]
 
 
+@pytest.fixture(scope="module")
+def brit_respelled(fed_model, tiny_tok):
+    """The British user as shipped: suggestions respelled, so the American variant is lifted over, not pushed down."""
+    cfg = PersonalConfig(steps=40)
+    ud = with_words(user_data(tiny_tok, "brit", british_texts(), cfg), british_texts())
+    attach_spelling([ud], tiny_tok, fed_model.out_bias.detach().numpy(), PAIRS, cfg)
+    return train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0], ud
+
+
+def test_respelled_suggestions_show_colour_where_the_global_model_shows_color(fed_model, tiny_tok, brit_respelled):
+    r, ud = brit_respelled
+    assert ud.respell["color"] == "colour" and ud.spelling and min(ud.spelling.values()) > 0  # nothing pushed down
+    pm = PersonalizedLM(fed_model, torch.from_numpy(r.A), torch.from_numpy(r.B), torch.from_numpy(r.user_bias))
+    for context in ("i like the ", "i like the c", "i like the colo"):
+        assert words(fed_model, tiny_tok, context)[0] == "color", context  # the federation's spelling
+        shown = respell(words(pm, tiny_tok, context), ud.respell, split_typed(context)[1])
+        assert shown[0] == "colour" and "color" not in shown, (context, shown)
+
+
 def test_spelling_bias_touches_only_specific_first_pieces(fed_model, tiny_tok):
     ob = fed_model.out_bias.detach().numpy()
     sb = spelling_bias([("colour", "color")], tiny_tok, ob, 4.0, 3.0)
@@ -278,8 +299,8 @@ def test_spelling_alone_when_the_adapter_is_rejected(fed_model, tiny_tok):
     assert r.use_adapter and r.reason.startswith("spelling preference only"), r.reason
     assert not r.B.any()
     pm = PersonalizedLM(fed_model, torch.from_numpy(r.A), torch.from_numpy(r.B), torch.from_numpy(r.user_bias))
-    got = words(pm, tiny_tok, "i like the ")
-    assert "colour" in got and ("color" not in got or got.index("colour") < got.index("color")), got
+    got = respell(words(pm, tiny_tok, "i like the "), ud.respell)  # as the keyboard shows them
+    assert got[0] == "colour" and "color" not in got, got
 
 
 def test_regional_accuracy_after_the_shared_prefix(fed_model, tiny_tok, brit):
