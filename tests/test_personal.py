@@ -24,7 +24,7 @@ from keyboard.train import train_central
 from keyboard.words import PieceTable, respell, split_typed
 from personalization.batched import Positions, UserResult, step_nll, train_adapters
 from personalization.config import PersonalConfig
-from personalization.data import split_user
+from personalization.data import UserData, split_user
 from personalization.evaluate import AdapterBank, evaluate_users, regional_accuracy
 from personalization.model import PersonalizedLM
 from personalization.report import mean_interval
@@ -81,15 +81,19 @@ def with_words(ud, texts: list[str]):
     return ud
 
 
+def british_user(fed_model, tiny_tok, cfg: PersonalConfig, user: str = "brit") -> tuple[UserResult, UserData]:
+    """The British user personalized under `cfg`: their result and their UserData (spelling bias, respelling)."""
+    ud = with_words(user_data(tiny_tok, user, british_texts(), cfg), british_texts())
+    attach_spelling([ud], tiny_tok, fed_model.out_bias.detach().numpy(), PAIRS, cfg)
+    return train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0], ud
+
+
 @pytest.fixture(scope="module")
 def brit(fed_model, tiny_tok):
     # the tiny model has memorised its phrases: its color/colour gap is wider than the default penalty. Without
     # respelling the preference is all in the model (the other variant pushed down), as a runtime that does not
     # respell would get it
-    cfg = PersonalConfig(steps=40, regional_penalty=8.0, regional_respell=False)
-    ud = with_words(user_data(tiny_tok, "brit", british_texts(), cfg), british_texts())
-    attach_spelling([ud], tiny_tok, fed_model.out_bias.detach().numpy(), PAIRS, cfg)
-    return train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
+    return british_user(fed_model, tiny_tok, PersonalConfig(steps=40, regional_penalty=8.0, regional_respell=False))[0]
 
 
 def test_british_user_gets_colour_first(fed_model, tiny_tok, brit):
@@ -263,16 +267,13 @@ def test_spelling_preferences_from_own_words():
 @pytest.fixture(scope="module")
 def brit_respelled(fed_model, tiny_tok):
     """The British user as shipped: suggestions respelled, so the American variant is lifted over, not pushed down."""
-    cfg = PersonalConfig(steps=40)
-    ud = with_words(user_data(tiny_tok, "brit", british_texts(), cfg), british_texts())
-    attach_spelling([ud], tiny_tok, fed_model.out_bias.detach().numpy(), PAIRS, cfg)
-    return train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0], ud
+    return british_user(fed_model, tiny_tok, PersonalConfig(steps=40))
 
 
 def test_respelled_suggestions_show_colour_where_the_global_model_shows_color(fed_model, tiny_tok, brit_respelled):
     r, ud = brit_respelled
     assert ud.respell["color"] == "colour" and ud.spelling and min(ud.spelling.values()) > 0  # nothing pushed down
-    pm = PersonalizedLM(fed_model, torch.from_numpy(r.A), torch.from_numpy(r.B), torch.from_numpy(r.user_bias))
+    pm = PersonalizedLM.from_arrays(fed_model, UserResult_arrays(r))
     for context in ("i like the ", "i like the c", "i like the colo"):
         assert words(fed_model, tiny_tok, context)[0] == "color", context  # the federation's spelling
         shown = respell(words(pm, tiny_tok, context), ud.respell, split_typed(context)[1])
@@ -292,10 +293,7 @@ def test_spelling_bias_touches_only_specific_first_pieces(fed_model, tiny_tok):
 
 def test_spelling_alone_when_the_adapter_is_rejected(fed_model, tiny_tok):
     """A margin no adapter can meet rejects the trained one; the spelling alone only has to do no harm."""
-    cfg = PersonalConfig(steps=0, regional_penalty=8.0, gate_margin=0.5)
-    ud = with_words(user_data(tiny_tok, "brit0", british_texts(), cfg), british_texts())
-    attach_spelling([ud], tiny_tok, fed_model.out_bias.detach().numpy(), PAIRS, cfg)
-    r = train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
+    r, ud = british_user(fed_model, tiny_tok, PersonalConfig(steps=0, regional_penalty=8.0, gate_margin=0.5), "brit0")
     assert r.use_adapter and r.reason.startswith("spelling preference only"), r.reason
     assert not r.B.any()
     pm = PersonalizedLM(fed_model, torch.from_numpy(r.A), torch.from_numpy(r.B), torch.from_numpy(r.user_bias))
