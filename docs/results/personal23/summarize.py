@@ -4,10 +4,11 @@
         fedsgd=docs/results/personal23/fedsgd.json \
         meta=docs/results/personal23/meta.json reptile=docs/results/personal23/reptile.json --out docs/results/personal23/summary \
         --reports start=runs/full21/personal/report.json fedsgd=runs/psgd/personal/report.json \
-        meta=runs/pmeta/personal/report.json
+        meta=runs/pmeta/personal/report.json fedsgd_seed1=runs/psgd1/personal/report.json \
+        meta_seed1=runs/pmeta1/personal/report.json
 
-(runs/psgd and runs/pmeta: `fedkey personalize --all --run-dir runs/pX --model runs/X1k --preset full`, each run
-folder linking runs/full21's data, tokenizer and fl.)
+(runs/pX: `fedkey personalize --all --run-dir runs/pX --model runs/X1k --preset full`, each run folder linking
+runs/full21's data, tokenizer and fl; the seed-1 models from `meta_probe.py ... --seed 1`.)
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def compare_reports(reports: dict[str, dict], out: Path) -> dict:
               f"{m['personalized_over_start'][0]:+.2f} ({m['personalized_over_start'][1]:+.2f} .. "
               f"{m['personalized_over_start'][2]:+.2f})")
     names = list(reports)
-    for a, b in zip(names[1:], names[2:]):
+    for a, b in zip(names[1::2], names[2::2]):  # after the start: (control, treatment) pairs
         for k in ("global", "personalized"):
             d = top1[b][k] - top1[a][k]
             res[f"{b}_minus_{a}_{k}"] = {"per_user": _ci(d, rng), "pooled": _ci(d, rng, words)}
@@ -81,8 +82,9 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="NAME=phrase_ceiling JSON of a further-trained model")
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.png")
     ap.add_argument("--reports", nargs="+", default=[],
-                    help="NAME=`fedkey personalize --json` report, the starting model's first: also writes "
-                         "OUT_personalize.json, the shipped personalization of each model paired per user")
+                    help="NAME=`fedkey personalize --json` report, the starting model's first, then (control, treatment) "
+                         "pairs: also writes OUT_personalize.json, the shipped personalization of each model paired "
+                         "per user")
     a = ap.parse_args()
     if a.reports:
         compare_reports({n: read_json(Path(p)) for n, p in (r.split("=", 1) for r in a.reports)},
