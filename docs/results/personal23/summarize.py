@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedkey.io import read_json, save_figure, write_json
+from personalization.report import mean_interval
 
 ARMS = ("global", "cache_learning", "dynamic", "dynamic_cache")
 LABELS = ("the model alone", "+ learning phrase cache", "+ dynamic evaluation", "+ dynamic evaluation and cache")
@@ -30,10 +31,12 @@ def rates(per_user: dict, users: list[str], arm: str) -> np.ndarray:
 
 
 def _ci(d: np.ndarray, rng: np.random.Generator, weights: np.ndarray | None = None) -> list[float]:
-    """The mean of per-user differences (word-weighted if weights are given) and its 95% bootstrap interval."""
-    w = np.ones(len(d)) if weights is None else weights
-    boots = [(d[i] * w[i]).sum() / w[i].sum() for i in (rng.integers(0, len(d), len(d)) for _ in range(2000))]
-    return [float((d * w).sum() / w.sum()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+    """The mean of per-user differences and its 95% bootstrap interval, the report's; with weights (each user's
+    words) the pooled mean, resampling users the same way."""
+    if weights is None:
+        return [float(d.mean()), *mean_interval(list(d))]
+    boots = [(d[i] * weights[i]).sum() / weights[i].sum() for i in (rng.integers(0, len(d), len(d)) for _ in range(2000))]
+    return [float((d * weights).sum() / weights.sum()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
 
 
 def compare_reports(reports: dict[str, dict], out: Path) -> dict:
@@ -96,11 +99,12 @@ def main() -> None:
     res = {"users": len(users), "start_global_top1": float(ref.mean()), "models": {}}
     for name, pu in runs.items():
         own = rates(pu, users, "global")
-        res["models"][name] = {arm: {"over_start": float((rates(pu, users, arm) - ref).mean()),
-                                     "over_own_global": float((rates(pu, users, arm) - own).mean()),
-                                     "hurt_vs_own_global": int(((rates(pu, users, arm) - own) < -0.5).sum()),
-                                     "oracle_vs_own_global": float(np.maximum(rates(pu, users, arm) - own, 0).mean())}
-                               for arm in ARMS}
+        res["models"][name] = {}
+        for arm in ARMS:
+            r = rates(pu, users, arm)
+            res["models"][name][arm] = {"over_start": float((r - ref).mean()), "over_own_global": float((r - own).mean()),
+                                        "hurt_vs_own_global": int((r - own < -0.5).sum()),
+                                        "oracle_vs_own_global": float(np.maximum(r - own, 0).mean())}
         row = res["models"][name]
         print(f"{name:8s} " + "  ".join(f"{arm} {row[arm]['over_start']:+.2f} (own {row[arm]['over_own_global']:+.2f}, "
                                          f"{row[arm]['hurt_vs_own_global']} hurt)" for arm in ARMS))
