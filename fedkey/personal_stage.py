@@ -62,6 +62,18 @@ def _train_words(shards, users: list[str]) -> dict[str, set[str]]:
             for u in users}
 
 
+def _train_pieces(shards, tok, users: list[str], max_len: int) -> dict[str, int]:
+    """Each user's framed train-split pieces, the validation slice included (as personalization.data frames them)."""
+    texts = [shards.user_texts(TRAIN_SPLIT[shards.role(u)], u) for u in users]
+    flat = iter(tok.encode_batch([t for ts in texts for t in ts]))
+    return {u: sum(min(len(next(flat)), max_len - 1) + 1 for _ in ts) for u, ts in zip(users, texts)}
+
+
+def _gains_title(rep: dict[str, Any]) -> str:
+    """The title of a report's histogram of per-user gains."""
+    return f"per-user top-1 gain, {len(rep['top1_gain_per_user'])} users (gate kept {rep['gated_in']} adapters)"
+
+
 def _sentinel(run_dir: Path, base, bid: str, data: list, pcfg: PersonalConfig, starts, cont, refit: bool,
               progress: bool) -> tuple[Any, dict]:
     """The cache's sentinel: fitted on every user's validation slice when all users are personalized (`refit`),
@@ -112,7 +124,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
                           "`fedkey bench personal_modes`")
     model_dir = Path(model_dir) if model_dir else default_base(run_dir)
     bid = base_id(model_dir)
-    shards, _ = load_prepared(run_dir)
+    shards, prepared_tok = load_prepared(run_dir)
     names = _users(shards, users, pcfg.max_users)
     out_dir = run_dir / PERSONAL
     cfgd = {"personal": C.to_dict(pcfg), "eval": C.to_dict(ecfg) if with_eval else None}
@@ -121,7 +133,13 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         rep = read_json(out_dir / REPORT)
         if rep.get("top1_gain_per_user"):
             # a pure function of the stored gains: a report cached by older code still gets today's figures
-            rep["changes"] = count_changes(rep["top1_gain_per_user"], rep["region_of"])
+            if "text_of" not in rep:
+                # a report of older code learns its users' amounts of text, and its plot shows the gain by them
+                rep["text_of"] = _train_pieces(shards, prepared_tok, list(rep["region_of"]), pcfg.max_len)
+                write_json(out_dir / REPORT, rep)
+                histogram(rep["top1_gain_per_user"], rep["region_of"], out_dir / GAINS_PNG,
+                          _gains_title(rep), rep["text_of"])
+            rep["changes"] = count_changes(rep["top1_gain_per_user"], rep["region_of"], rep["text_of"])
         # reports before use_cache was recorded: the gate's own file says which users keep a cache
         rep.setdefault("use_cache", {u: bool(e.get("use_cache")) for u, e in read_gate(run_dir).items()})
         if json_path:
@@ -165,6 +183,8 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         "use_adapter": {r.user: r.use_adapter for r in results},
         "use_cache": {r.user: r.cache is not None for r in results},
         "region_of": {r.user: r.region for r in results},
+        # every framed train message, the validation slice included: what the user's device holds
+        "text_of": {d.user: sum(len(s) - 1 for s in d.history) for d in data},
         "gated_in_by_region": {reg: sum(r.use_adapter for r in results if r.region == reg)
                                for reg in sorted({r.region for r in results})},
         "sentinel": sentinel_info,
@@ -190,7 +210,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         (reg_g, reg_p), (pre_g, pre_p), (off_g, off_p) = regional_accuracy(
             base, banks, tok, msgs, ecfg, REGIONAL_PAIRS, train_words, typed_prefix=True)
         gains = top1_gains(glob, pers)
-        ch = count_changes(gains, rep["region_of"])
+        ch = count_changes(gains, rep["region_of"], rep["text_of"])
         rep.update({"global": glob, "personalized": pers, "improved": ch["improved"], "hurt": ch["hurt"],
                     "unchanged": ch["unchanged"], "changes": ch, "split": "test",
                     "regional_all_positions": {"global": reg_g, "personalized": reg_p},
@@ -205,8 +225,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
                     "top1_gain_per_user": gains})
         rep["seconds"]["evaluate"] = time.perf_counter() - t1
         if gains:
-            histogram(gains, rep["region_of"], out_dir / GAINS_PNG,
-                      f"per-user top-1 gain, {len(gains)} users (gate kept {rep['gated_in']} adapters)")
+            histogram(gains, rep["region_of"], out_dir / GAINS_PNG, _gains_title(rep), rep["text_of"])
             rep["histogram"] = str(out_dir / GAINS_PNG)
     if users is None:
         write_json(out_dir / REPORT, rep)

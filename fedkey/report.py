@@ -305,6 +305,13 @@ def _personal(run: RunFiles) -> Section | None:
                                _count(c["unchanged"]), _points(c.get("mean_top1_gain")),
                                format_interval(c.get("mean_top1_gain_ci95")), _count(kept_here), regional])
         tables.append(table)
+        if ch.get("by_text"):
+            tables.append(Table(["train pieces", "users", "improved", "hurt", "unchanged", "mean top-1 gain",
+                                 "95% interval"],
+                                [[band, _count(c["users"]), _count(c["improved"]), _count(c["hurt"]),
+                                  _count(c["unchanged"]), _points(c.get("mean_top1_gain")),
+                                  format_interval(c.get("mean_top1_gain_ci95"))] for band, c in ch["by_text"].items()],
+                                "the same by the amount of text each user's device learned from"))
     secs = rep.get("seconds", {})
     rows.append(("time", f"{_duration(secs.get('personalize'))} training adapters, "
                          f"{_duration(secs.get('evaluate'))} evaluating"))

@@ -14,6 +14,8 @@ from fedkey.tables import metrics_table
 
 THRESHOLD = 0.005  # a user counts as improved / hurt when top-1 moves by more than half a point
 BOOTSTRAP_SAMPLES = 2000
+# a user's train split in word pieces: what the device has to learn from (the median chitchat user has ~250)
+TEXT_EDGES = (100, 300, 1000, 3000)
 
 
 def top1_gains(glob: dict, pers: dict) -> dict[str, float]:
@@ -26,8 +28,19 @@ def top1_gains(glob: dict, pers: dict) -> dict[str, float]:
     return out
 
 
-def count_changes(gains: dict[str, float], region_of: dict[str, str]) -> dict:
-    """How many users improved, got worse, stayed within THRESHOLD; overall and by region."""
+def text_bucket(pieces: int) -> str:
+    """The TEXT_EDGES band a user's amount of train text falls in ("300-999", "3000+")."""
+    lo = 0
+    for hi in TEXT_EDGES:
+        if pieces < hi:
+            return f"{lo}-{hi - 1}"
+        lo = hi
+    return f"{lo}+"
+
+
+def count_changes(gains: dict[str, float], region_of: dict[str, str], text_of: dict[str, int] | None = None) -> dict:
+    """How many users improved, got worse, stayed within THRESHOLD; overall, by region and (with text_of, each
+    user's train pieces) by the amount of text the user's device learned from."""
     def tally(us: list[str]) -> dict:
         g = [gains[u] for u in us]
         return {"users": len(g), "improved": sum(x > THRESHOLD for x in g), "hurt": sum(x < -THRESHOLD for x in g),
@@ -36,6 +49,10 @@ def count_changes(gains: dict[str, float], region_of: dict[str, str]) -> dict:
     out = tally(sorted(gains))
     out["by_region"] = {r: tally([u for u in sorted(gains) if region_of.get(u) == r])
                         for r in sorted({region_of.get(u, "?") for u in gains})}
+    if text_of:
+        band = {u: text_bucket(text_of.get(u, 0)) for u in gains}
+        order = [text_bucket(x) for x in (0, *TEXT_EDGES)]
+        out["by_text"] = {b: tally([u for u in sorted(gains) if band[u] == b]) for b in order if b in band.values()}
     return out
 
 
@@ -57,15 +74,18 @@ def format_interval(ci: list[float] | None, compact: bool = False) -> str:
     return f"{100 * ci[0]:+.2f}..{100 * ci[1]:+.2f}" if compact else f"{100 * ci[0]:+.2f} .. {100 * ci[1]:+.2f} pt"
 
 
-def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, title: str) -> None:
-    """PNG histogram of per-user top-1 gains in points, one colour per region."""
+def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, title: str,
+              text_of: dict[str, int] | None = None) -> None:
+    """PNG histogram of per-user top-1 gains in points, one colour per region; with text_of (each user's train
+    pieces), beside it each user's gain against their amount of text and each band's mean with its interval."""
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if text_of else 1, figsize=(13 if text_of else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     regions = sorted({region_of.get(u, "?") for u in gains})
     data = [[100 * g for u, g in gains.items() if region_of.get(u, "?") == r] for r in regions]
     lo = min([min(d) for d in data if d] + [-1.0])
@@ -79,8 +99,38 @@ def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, ti
     ax.set_ylabel("users")
     ax.set_title(title)
     ax.legend()
+    if text_of:
+        _gain_by_text(axes[0, 1], gains, text_of)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+
+
+def _gain_by_text(ax, gains: dict[str, float], text_of: dict[str, int]) -> None:
+    """Each user's gain against their train pieces (log scale), and each TEXT_EDGES band's mean and interval."""
+    us = sorted(gains)
+    x = np.array([max(1, text_of.get(u, 0)) for u in us], dtype=np.float64)
+    y = 100 * np.array([gains[u] for u in us])
+    ax.scatter(x, y, s=6, alpha=0.35, color="tab:blue", label="a user")
+    edges = [1, *TEXT_EDGES, max(x.max() + 1, 10 * TEXT_EDGES[-1])]
+    for a, b in zip(edges, edges[1:]):
+        sel = (x >= a) & (x < b)
+        if not sel.any():
+            continue
+        mid = float(np.sqrt(a * b))
+        m, ci = float(y[sel].mean()), mean_interval(list(y[sel]))
+        err = [[m - ci[0]], [ci[1] - m]] if ci else None
+        ax.errorbar([mid], [m], yerr=err, fmt="o", color="tab:red", capsize=4, zorder=3)
+        ax.annotate(f"{m:+.2f}\n({int(sel.sum())})", (mid, ci[1] if ci else m), textcoords="offset points",
+                    xytext=(0, 4), ha="center", va="bottom", fontsize=8, color="tab:red")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    # a user of a few test words moves by 25-100 points on one word: the bands' means would sit on a flat line
+    lim = (max(-8.0, float(y.min()) - 1), min(8.0, float(y.max()) + 1))
+    ax.set_ylim(*lim)
+    off = int(((y < lim[0]) | (y > lim[1])).sum())
+    ax.set_xlabel("the user's train text (word pieces)" + (f"; {off} users beyond the axis" if off else ""))
+    ax.set_ylabel("top-1 gain (points)")
+    ax.set_title("gain by amount of text: band mean, 95% interval (users)")
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
@@ -116,7 +166,7 @@ def _compact(title: str, columns: list[str]) -> Table:
     # the title's blank line keeps it apart from the table above: with no rules, titles would run into rows
     t = Table(title="\n" + title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     for col in columns:
-        t.add_column(col, justify="left" if col in ("user", "region", "users", "typed in train", "kept") else "right",
+        t.add_column(col, justify="left" if col in ("user", "region", "users", "typed in train", "kept", "train pieces") else "right",
                      no_wrap=True)
     return t
 
@@ -141,6 +191,17 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
                   f"{_pct(c['mean_top1_gain'], True)} pt", format_interval(c.get("mean_top1_gain_ci95"), compact=True),
                   str(adapters), "-" if caches is None else str(caches))
     console.print(t)
+
+    if ch.get("by_text"):
+        t = _compact("the same by the amount of text each user's device learned from (word pieces of their train "
+                     "split)", ["train pieces", "users", "better", "worse", "same", "gain", "95% interval", "caches"])
+        for band, c in ch["by_text"].items():
+            us = [u for u in gains if text_bucket(rep["text_of"].get(u, 0)) == band]
+            caches = rep.get("use_cache")
+            t.add_row(band, str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
+                      f"{_pct(c['mean_top1_gain'], True)} pt", format_interval(c.get("mean_top1_gain_ci95"), compact=True),
+                      "-" if caches is None else str(sum(bool(caches.get(u)) for u in us)))
+        console.print(t)
 
     reg = rep.get("regional_all_positions")
     if reg:

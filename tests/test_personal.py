@@ -534,12 +534,20 @@ def test_personalize_command_reports_and_reuses_its_result(tiny_run, tmp_path, c
         assert len(gate_respelling(e)) > 0.9 * len(REGIONAL_PAIRS)
     gains = list(rep["top1_gain_per_user"].values())
     assert rep["changes"]["mean_top1_gain_ci95"] == mean_interval(gains) and len(gains) >= 2
-    assert "95% interval" in capsys.readouterr().out
-    # a report saved before the interval and use_cache were recorded: the saved run is reused, its figures completed
+    out = capsys.readouterr().out
+    assert "95% interval" in out and "train pieces" in out
+    # each user's amount of train text, and the gain split by it: every compared user in exactly one band
+    assert set(rep["text_of"]) == set(gate) and all(rep["text_of"][u] >= gate[u]["train_tokens"] for u in gate)
+    by_text = rep["changes"]["by_text"]
+    assert sum(c["users"] for c in by_text.values()) == len(gains)
+    assert sum(c["mean_top1_gain"] * c["users"] for c in by_text.values()) == pytest.approx(sum(gains))
+    # a report saved before the interval, use_cache and the amounts of text were recorded: the saved run is
+    # reused, its figures completed (the amounts counted again from the prepared data)
     saved = json.loads((run / "personal" / "report.json").read_text())
-    del saved["use_cache"], saved["changes"]["mean_top1_gain_ci95"]
+    del saved["use_cache"], saved["changes"]["mean_top1_gain_ci95"], saved["text_of"], saved["changes"]["by_text"]
     (run / "personal" / "report.json").write_text(json.dumps(saved))
     assert main([*argv, "--json", str(tmp_path / "again.json")]) == 0
     assert "already personalized" in capsys.readouterr().out
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["use_cache"] == rep["use_cache"] and again["changes"] == rep["changes"]
+    assert again["text_of"] == rep["text_of"]

@@ -17,10 +17,11 @@ from fedkey.stages import mark_done
 from fedkey.tables import console
 from fl_core.config import FleetConfig, FLConfig
 from fl_core.privacy.config import PrivacyConfig
-from personalization.report import count_changes, format_interval, mean_interval, top1_gains
+from personalization.report import count_changes, format_interval, mean_interval, text_bucket, top1_gains
 from personalization.report import print_report as print_personal
 
 USERS = {"u1": "US", "u2": "US", "g1": "GB", "g2": "GB"}
+TEXT_OF = {"u1": 150, "u2": 40, "g1": 4000, "g2": 2500}  # train pieces
 PNG = b"\x89PNG\r\n\x1a\n"  # the report only links figures, so a stub stands in for a plot
 
 
@@ -77,7 +78,8 @@ def _full_run(run: Path, dp: bool) -> None:
         "adapter_bytes_max": 41_987, "use_adapter": {u: u != "u2" for u in USERS}, "region_of": USERS,
         "use_cache": {u: u.startswith("u") for u in USERS},
         "gated_in_by_region": {"GB": 2, "US": 1}, "seconds": {"personalize": 95.0, "evaluate": 12.0},
-        "global": glob, "personalized": pers, "changes": count_changes(gains, USERS), "split": "test",
+        "global": glob, "personalized": pers, "split": "test", "text_of": TEXT_OF,
+        "changes": count_changes(gains, USERS, TEXT_OF),
         "regional_all_positions": reg, "top1_gain_per_user": gains})
     (run / "personal" / "gains.png").write_bytes(PNG)
 
@@ -111,6 +113,9 @@ def test_full_report(tmp_path: Path) -> None:
     assert "| GB | 2 | 1 | 1 | 0 | +4.00 pt | -1.00 .. +9.00 pt | 2 | 25.0% -> 75.0% (12) |" in md
     # pooled over regions' words; the interval resamples the 4 users' gains (+6, +1, +9, -1 pt)
     assert "| all | 4 | 3 | 1 | 0 | +3.75 pt | +0.00 .. +7.50 pt | 3 | 75.0% -> 86.5% (52) |" in md
+    # gains +6 (u1), +1 (u2), +9 (g1), -1 (g2) pt, one user in each of four bands of train text
+    assert "| 3000+ | 1 | 1 | 0 | 0 | +9.00 pt | - |" in md and "| 1000-2999 | 1 | 0 | 1 | 0 | -1.00 pt | - |" in md
+    assert md.index("| 0-99 |") < md.index("| 100-299 |") < md.index("| 1000-2999 |")
     assert "3 of 4 users (75.0%)" in md and "41.2 kB / 42.0 kB" in md
     assert "900 kB (26.5% of fp32, 3.8x smaller)" in md and "| adapters shipped | 1 |" in md
     assert "99.5%" in md and "0.42 ms (target <= 1 ms: met)" in md and "3.10 ms (target <= 5 ms: met)" in md
@@ -196,6 +201,17 @@ def test_mean_gain_interval_shrinks_with_more_users() -> None:
     ch = count_changes({"u1": 0.06, "u2": 0.01, "g1": 0.09, "g2": -0.01}, USERS)
     assert ch["mean_top1_gain_ci95"] == mean_interval([0.06, 0.01, 0.09, -0.01])
     assert ch["by_region"]["GB"]["mean_top1_gain_ci95"] == mean_interval([0.09, -0.01])
+
+
+def test_gain_by_amount_of_text_puts_each_user_in_one_band() -> None:
+    assert [text_bucket(n) for n in (0, 99, 100, 999, 1000, 2999, 3000, 10**6)] == [
+        "0-99", "0-99", "100-299", "300-999", "1000-2999", "1000-2999", "3000+", "3000+"]
+    gains = {"u1": 0.06, "u2": 0.01, "g1": 0.09, "g2": -0.01}
+    ch = count_changes(gains, USERS, {"u1": 50, "u2": 5000, "g1": 80, "g2": 3000})
+    assert list(ch["by_text"]) == ["0-99", "3000+"]  # bands without users are left out, the rest in order
+    assert ch["by_text"]["0-99"]["mean_top1_gain"] == pytest.approx(0.075)
+    assert ch["by_text"]["3000+"]["users"] == 2 and ch["by_text"]["3000+"]["hurt"] == 1
+    assert "by_text" not in count_changes(gains, USERS)  # a report that did not record the amounts
 
 
 def test_personalize_tables_fit_an_80_column_terminal(tmp_path: Path) -> None:
