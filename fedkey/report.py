@@ -301,16 +301,12 @@ def _personal(run: RunFiles) -> Section | None:
             regional = f"{_pct(g.get('acc'))} -> {_pct(p.get('acc'))} ({g['n']:,})" if g else "-"
             # among the compared users, as the row's other counts are (gated_in also counts users without test words)
             kept_here = kept_among(rep, label)[0] if "top1_gain_per_user" in rep else None
-            table.rows.append([label, _count(c["users"]), _count(c["improved"]), _count(c["hurt"]),
-                               _count(c["unchanged"]), _points(c.get("mean_top1_gain")),
-                               format_interval(c.get("mean_top1_gain_ci95")), _count(kept_here), regional])
+            table.rows.append([label, *_change_cells(c), _count(kept_here), regional])
         tables.append(table)
         if ch.get("by_text"):
             tables.append(Table(["train pieces", "users", "improved", "hurt", "unchanged", "mean top-1 gain",
                                  "95% interval"],
-                                [[band, _count(c["users"]), _count(c["improved"]), _count(c["hurt"]),
-                                  _count(c["unchanged"]), _points(c.get("mean_top1_gain")),
-                                  format_interval(c.get("mean_top1_gain_ci95"))] for band, c in ch["by_text"].items()],
+                                [[band, *_change_cells(c)] for band, c in ch["by_text"].items()],
                                 "the same by the amount of text each user's device learned from"))
     secs = rep.get("seconds", {})
     rows.append(("time", f"{_duration(secs.get('personalize'))} training adapters, "
@@ -321,6 +317,12 @@ def _personal(run: RunFiles) -> Section | None:
     if not ch:
         sec.notes.append("no global-vs-personalized comparison (personalized with --no-eval)")
     return sec
+
+
+def _change_cells(c: dict[str, Any]) -> list[str]:
+    """A group's users, improved, hurt, unchanged, mean top-1 gain and its interval, as report.md cells."""
+    return [_count(c["users"]), _count(c["improved"]), _count(c["hurt"]), _count(c["unchanged"]),
+            _points(c.get("mean_top1_gain")), format_interval(c.get("mean_top1_gain_ci95"))]
 
 
 def _with_all(acc: dict[str, Any]) -> dict[str, Any]:

@@ -171,6 +171,12 @@ def _compact(title: str, columns: list[str]) -> Table:
     return t
 
 
+def _change_cells(c: dict) -> list[str]:
+    """A group's users, better, worse, same, mean gain and its interval, as table cells."""
+    return [str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
+            f"{_pct(c['mean_top1_gain'], True)} pt", format_interval(c.get("mean_top1_gain_ci95"), compact=True)]
+
+
 def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
     """The tables `fedkey personalize` prints."""
     g, p = rep["global"], rep["personalized"]
@@ -187,9 +193,7 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
     ch = rep["changes"]
     for label, c in [("all", ch)] + list(ch["by_region"].items()):
         adapters, caches = kept_among(rep, label)
-        t.add_row(label, str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
-                  f"{_pct(c['mean_top1_gain'], True)} pt", format_interval(c.get("mean_top1_gain_ci95"), compact=True),
-                  str(adapters), "-" if caches is None else str(caches))
+        t.add_row(label, *_change_cells(c), str(adapters), "-" if caches is None else str(caches))
     console.print(t)
 
     if ch.get("by_text"):
@@ -198,9 +202,7 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
         for band, c in ch["by_text"].items():
             us = [u for u in gains if text_bucket(rep["text_of"].get(u, 0)) == band]
             caches = rep.get("use_cache")
-            t.add_row(band, str(c["users"]), str(c["improved"]), str(c["hurt"]), str(c["unchanged"]),
-                      f"{_pct(c['mean_top1_gain'], True)} pt", format_interval(c.get("mean_top1_gain_ci95"), compact=True),
-                      "-" if caches is None else str(sum(bool(caches.get(u)) for u in us)))
+            t.add_row(band, *_change_cells(c), "-" if caches is None else str(sum(bool(caches.get(u)) for u in us)))
         console.print(t)
 
     reg = rep.get("regional_all_positions")
