@@ -136,9 +136,10 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
             if "text_of" not in rep:
                 # a report of older code learns its users' amounts of text, and its plot shows the gain by them
                 rep["text_of"] = _train_pieces(shards, prepared_tok, list(rep["region_of"]), pcfg.max_len)
-                write_json(out_dir / REPORT, rep)
+                # the plot first: killed in between, the report still lacks text_of and both are redone next time
                 histogram(rep["top1_gain_per_user"], rep["region_of"], out_dir / GAINS_PNG,
                           _gains_title(rep), rep["text_of"])
+                write_json(out_dir / REPORT, rep)
             rep["changes"] = count_changes(rep["top1_gain_per_user"], rep["region_of"], rep["text_of"])
         # reports before use_cache was recorded: the gate's own file says which users keep a cache
         rep.setdefault("use_cache", {u: bool(e.get("use_cache")) for u, e in read_gate(run_dir).items()})

@@ -14,7 +14,7 @@ from fedkey.tables import metrics_table
 
 THRESHOLD = 0.005  # a user counts as improved / hurt when top-1 moves by more than half a point
 BOOTSTRAP_SAMPLES = 2000
-# a user's train split in word pieces: what the device has to learn from (the median chitchat user has ~250)
+# a user's train split in word pieces: what the device has to learn from (the median chitchat user has ~300)
 TEXT_EDGES = (100, 300, 1000, 3000)
 
 
@@ -51,8 +51,8 @@ def count_changes(gains: dict[str, float], region_of: dict[str, str], text_of: d
                         for r in sorted({region_of.get(u, "?") for u in gains})}
     if text_of:
         band = {u: text_bucket(text_of.get(u, 0)) for u in gains}
-        order = [text_bucket(x) for x in (0, *TEXT_EDGES)]
-        out["by_text"] = {b: tally([u for u in sorted(gains) if band[u] == b]) for b in order if b in band.values()}
+        out["by_text"] = {b: tally([u for u in sorted(gains) if band[u] == b])
+                          for b in dict.fromkeys(text_bucket(x) for x in (0, *TEXT_EDGES)) if b in band.values()}
     return out
 
 
@@ -106,17 +106,17 @@ def histogram(gains: dict[str, float], region_of: dict[str, str], path: Path, ti
 
 
 def _gain_by_text(ax, gains: dict[str, float], text_of: dict[str, int]) -> None:
-    """Each user's gain against their train pieces (log scale), and each TEXT_EDGES band's mean and interval."""
+    """Each user's gain against their train pieces (log scale), and each text_bucket band's mean and interval."""
     us = sorted(gains)
     x = np.array([max(1, text_of.get(u, 0)) for u in us], dtype=np.float64)
     y = 100 * np.array([gains[u] for u in us])
+    band = np.array([text_bucket(text_of.get(u, 0)) for u in us])
     ax.scatter(x, y, s=6, alpha=0.35, color="tab:blue", label="a user")
-    edges = [1, *TEXT_EDGES, max(x.max() + 1, 10 * TEXT_EDGES[-1])]
-    for a, b in zip(edges, edges[1:]):
-        sel = (x >= a) & (x < b)
+    for b in dict.fromkeys(text_bucket(v) for v in (0, *TEXT_EDGES)):
+        sel = band == b
         if not sel.any():
             continue
-        mid = float(np.sqrt(a * b))
+        mid = float(np.exp(np.log(x[sel]).mean()))  # the band's users' geometric mean: where they sit on a log axis
         m, ci = float(y[sel].mean()), mean_interval(list(y[sel]))
         err = [[m - ci[0]], [ci[1] - m]] if ci else None
         ax.errorbar([mid], [m], yerr=err, fmt="o", color="tab:red", capsize=4, zorder=3)
@@ -166,8 +166,8 @@ def _compact(title: str, columns: list[str]) -> Table:
     # the title's blank line keeps it apart from the table above: with no rules, titles would run into rows
     t = Table(title="\n" + title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     for col in columns:
-        t.add_column(col, justify="left" if col in ("user", "region", "users", "typed in train", "kept", "train pieces") else "right",
-                     no_wrap=True)
+        left = col in ("user", "region", "users", "typed in train", "kept", "train pieces")
+        t.add_column(col, justify="left" if left else "right", no_wrap=True)
     return t
 
 
