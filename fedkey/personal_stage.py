@@ -64,9 +64,11 @@ def _train_words(shards, users: list[str]) -> dict[str, set[str]]:
 
 def _train_pieces(shards, tok, users: list[str], max_len: int) -> dict[str, int]:
     """Each user's framed train-split pieces, the validation slice included (as personalization.data frames them)."""
+    from keyboard.batches import frame
+
     texts = [shards.user_texts(TRAIN_SPLIT[shards.role(u)], u) for u in users]
     flat = iter(tok.encode_batch([t for ts in texts for t in ts]))
-    return {u: sum(min(len(next(flat)), max_len - 1) + 1 for _ in ts) for u, ts in zip(users, texts)}
+    return {u: sum(len(frame(next(flat), max_len)) - 1 for _ in ts) for u, ts in zip(users, texts)}
 
 
 def _gains_title(rep: dict[str, Any]) -> str:

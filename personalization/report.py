@@ -38,6 +38,9 @@ def text_bucket(pieces: int) -> str:
     return f"{lo}+"
 
 
+TEXT_BANDS = tuple(text_bucket(x) for x in (0, *TEXT_EDGES))  # every band, fewest pieces first
+
+
 def count_changes(gains: dict[str, float], region_of: dict[str, str], text_of: dict[str, int] | None = None) -> dict:
     """How many users improved, got worse, stayed within THRESHOLD; overall, by region and (with text_of, each
     user's train pieces) by the amount of text the user's device learned from."""
@@ -52,7 +55,7 @@ def count_changes(gains: dict[str, float], region_of: dict[str, str], text_of: d
     if text_of:
         band = {u: text_bucket(text_of.get(u, 0)) for u in gains}
         out["by_text"] = {b: tally([u for u in sorted(gains) if band[u] == b])
-                          for b in dict.fromkeys(text_bucket(x) for x in (0, *TEXT_EDGES)) if b in band.values()}
+                          for b in TEXT_BANDS if b in band.values()}
     return out
 
 
@@ -112,7 +115,7 @@ def _gain_by_text(ax, gains: dict[str, float], text_of: dict[str, int]) -> None:
     y = 100 * np.array([gains[u] for u in us])
     band = np.array([text_bucket(text_of.get(u, 0)) for u in us])
     ax.scatter(x, y, s=6, alpha=0.35, color="tab:blue", label="a user")
-    for b in dict.fromkeys(text_bucket(v) for v in (0, *TEXT_EDGES)):
+    for b in TEXT_BANDS:
         sel = band == b
         if not sel.any():
             continue
