@@ -5,7 +5,8 @@
 Among the users whose validation slice is large enough to judge an adapter (gate_min_words one-piece words):
 how far the trained adapter lowered validation loss (personalized / global, quantiles), at which step its best
 check came (0: the untrained adapter was best), how many more validation words it got right at top-1, and why
-the gate turned it down. Then, for every user with test words, the gain by what the gate kept.
+the gate turned it down. Then, for every user with test words, the gain by what the gate kept, and the gain
+relative to the global model (DESIGN's reference point for on-device personalization is a relative one).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def main() -> None:
         "gate_reasons": dict(why.most_common()),
         "gain_by_kept": {k: {"users": len(v), "mean_gain_pt": round(float(np.mean(v)), 3)}
                          for k, v in sorted(by_kept.items())},
+    }
+    g_users = {u: rep["global"]["per_user"][u]["top1"] for u in gains}
+    scored = [u for u, g in g_users.items() if g > 0]  # a relative gain needs a word the global model got right
+    out["relative_gain"] = {
+        "users": len(scored),
+        "mean_over_users_pct": round(100 * float(np.mean([gains[u] / g_users[u] for u in scored])), 2),
+        "pooled_pct": round(100 * (rep["personalized"]["pooled"]["top1"] / rep["global"]["pooled"]["top1"] - 1), 2),
     }
     print(json.dumps(out, indent=2))
     if a.json:
