@@ -202,9 +202,9 @@ def print_report(rep: dict, console: Console, per_user_rows: int = 10) -> None:
     if ch.get("by_text"):
         t = _compact("the same by the amount of text each user's device learned from (word pieces of their train "
                      "split)", ["train pieces", "users", "better", "worse", "same", "gain", "95% interval", "caches"])
+        caches = rep.get("use_cache")
         for band, c in ch["by_text"].items():
             us = [u for u in gains if text_bucket(rep["text_of"].get(u, 0)) == band]
-            caches = rep.get("use_cache")
             t.add_row(band, *_change_cells(c), "-" if caches is None else str(sum(bool(caches.get(u)) for u in us)))
         console.print(t)
 

@@ -1,9 +1,10 @@
 """Replay other phrase-cache gates on two finished personalization runs (issue 4, session 25).
 
-    .venv/bin/python docs/results/personal25/cache_rules.py --gated runs/pv2k --always runs/pall [--json F]
+    .venv/bin/python docs/results/personal25/cache_rules.py --gated runs/p24 --always runs/pall [--json F]
 
 `--gated` is a run with the shipped cache gate, `--always` the same job with `--cache-gate-top1 -1` (every user
-keeps their cache). Both share the adapters and spelling decisions, so a user's test gain with their cache on is
+keeps their cache) and every other setting the same (`--max-val-tokens` too: the slice also picks each adapter's
+best check). Both share the adapters and spelling decisions, so a user's test gain with their cache on is
 the --always run's, and with it off the --gated run's wherever that run turned the cache down. A rule keeps the
 cache where the shipped gate did or where the rule says so, from what the device has: the user's amount of train
 text and their validation slice (gate.json). The rules are judged on the test words they are replayed on, so the
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from personalization.report import THRESHOLD
 
 Rule = Callable[[dict, int], bool]
 
@@ -58,7 +61,7 @@ def main() -> None:
         g = 100 * np.array([on[u] if gate[u].get("use_cache") or rule(gate[u], text.get(u, 0)) else off[u]
                             for u in sorted(off)])
         out[name] = {"users": len(g), "mean_gain_pt": round(float(g.mean()), 3),
-                     "hurt": int((g < -0.5).sum()), "improved": int((g > 0.5).sum())}
+                     "hurt": int((g < -100 * THRESHOLD).sum()), "improved": int((g > 100 * THRESHOLD).sum())}
         print(f"{name:48s} {g.mean():+.3f} per user, {out[name]['hurt']} hurt "
               f"({100 * out[name]['hurt'] / len(g):.1f}%), {out[name]['improved']} improved")
     if a.json:
