@@ -187,7 +187,7 @@ def personal_stage(run_dir: Path, model_dir: Path | None, pcfg: PersonalConfig, 
         "use_cache": {r.user: r.cache is not None for r in results},
         "region_of": {r.user: r.region for r in results},
         # every framed train message, the validation slice included: what the user's device holds
-        "text_of": {d.user: sum(len(s) - 1 for s in d.history) for d in data},
+        "text_of": {d.user: d.text_tokens for d in data},
         "gated_in_by_region": {reg: sum(r.use_adapter for r in results if r.region == reg)
                                for reg in sorted({r.region for r in results})},
         "sentinel": sentinel_info,

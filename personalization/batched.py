@@ -389,7 +389,8 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
                        u.train_tokens, nv, float(val_g[ui]) if nv else None, float(ex["nll"][ui]) if nv else None,
                        int(best_step[ui]), False, "",
                        {"val_words": int(ex["n_words"][ui]), "val_top1_global": int(ex["top1_global"][ui]),
-                        "val_top1_personal": int(ex["top1_personal"][ui]), "spelling_pieces": len(u.spelling), "respell": dict(u.respell)})
+                        "val_top1_personal": int(ex["top1_personal"][ui]), "spelling_pieces": len(u.spelling), "respell": dict(u.respell),
+                        "text_tokens": u.text_tokens})
         if ex_sp is not None and has_sp[ui] and nv:
             r.extra["val_spelling"] = float(ex_sp["nll"][sp_row[ui]])
             r.extra["val_top1_spelling"] = int(ex_sp["top1_personal"][sp_row[ui]])

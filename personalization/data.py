@@ -38,6 +38,11 @@ class UserData:
         """Pieces predicted in validation."""
         return sum(len(s) - 1 for s in self.val)
 
+    @property
+    def text_tokens(self) -> int:
+        """Pieces of every train message the device holds (validation slice included, no max_train_tokens cut)."""
+        return sum(len(s) - 1 for s in self.history)
+
 
 def _latest(seqs: list[list[int]], max_tokens: int) -> list[list[int]]:
     """The latest messages holding at most max_tokens predicted pieces (at least one message)."""

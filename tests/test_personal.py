@@ -372,6 +372,23 @@ def test_light_writer_keeps_a_cache_that_lowers_validation_loss(fed_model, tiny_
     assert off.cache is None  # top-1 on so few words does not move
 
 
+def test_heavy_writer_keeps_the_cache_whatever_one_slice_says(fed_model, tiny_tok):
+    from dataclasses import replace
+
+    # years of one phrase, then a latest tenth of other messages: the slice alone would turn the cache down
+    later = ["park blue store you the help", "store help you blue the park", "you the park help store blue",
+             "blue you help the park store"]
+    cfg = PersonalConfig(steps=5, cache_lam=0.5, max_train_tokens=40, cache_keep_pieces=0)
+    ud = user_data(tiny_tok, "heavy", [WEATHER] * 36 + later, cfg, "US")
+    n = ud.text_tokens  # every message the device holds, not only the latest max_train_tokens it trains on
+    assert n > ud.train_tokens + ud.val_tokens
+    gated = train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
+    assert gated.cache is None and gated.extra["text_tokens"] == n
+    kept = train_adapters(fed_model, [ud], replace(cfg, cache_keep_pieces=n), starts_of(tiny_tok))[0]
+    assert kept.cache is not None
+    assert train_adapters(fed_model, [ud], replace(cfg, cache_keep_pieces=n + 1), starts_of(tiny_tok))[0].cache is None
+
+
 def test_replayed_cache_answers_each_message_with_what_was_sent_before_it(fed_model, tiny_tok):
     from keyboard.phrase_cache import PhraseCache, ReplayCache
 
