@@ -64,7 +64,8 @@ class PersonalConfig:
                                       "top-1 rule as everyone, which so few words rarely pass)")
     # chosen by session 25's replay (docs/results/personal25/cache_rules.py; 2,000 or 1,000 pieces hurt 4 or 16 more
     # users on the whole test splits); session 26 measured: whole test splits +0.23 -> +0.28 per user with the same
-    # 18 users hurt, the full preset's sample +0.27 -> +0.34 with 20 -> 25 hurt (4.1%)
+    # 18 users hurt, the full preset's sample +0.27 -> +0.34 with 20 -> 25 hurt (4.1%); on the quick preset's weaker
+    # model's whole test splits +0.33 -> +0.43, 29 -> 28 hurt, no heavy writer hurt (docs/results/sweeps.md, session 26)
     cache_keep_pieces: int = _f(3000, "keep the phrase cache, whatever its validation says, for a user whose train "
                                 "split holds at least this many pieces (0: the validation gate for everyone)")
     cache_sentinel: float = _f(0.0, "the phrase cache changes a top suggestion only where the shared sentinel "
