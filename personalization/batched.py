@@ -396,8 +396,10 @@ def train_group(base: KeyboardLM, users: list[UserData], cfg: PersonalConfig,
             r.extra["val_top1_spelling"] = int(ex_sp["top1_personal"][sp_row[ui]])
         if gate_caches is not None and gate_caches[ui] is not None and nv:
             r.extra.update({"val_nll_cache": float(ex["nll_cache"][ui]), "val_top1_cache": int(ex["top1_cache"][ui])})
-        if cfg.cache_order > 1 and decide_cache(r, cfg):
-            r.cache = PhraseCache.build(u.history, cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
+        if cfg.cache_order > 1:
+            keep, r.extra["cache_reason"] = decide_cache(r, cfg)
+            if keep:
+                r.cache = PhraseCache.build(u.history, cfg.cache_order, cfg.cache_lam, cfg.cache_m0, cfg.cache_max_pieces)
         r.use_adapter, r.reason = decide(r, cfg)
         if not r.use_adapter and spelling_only_ok(r, cfg):
             # the trained adapter did not help, but the user's own spelling still should not be overruled

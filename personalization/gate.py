@@ -40,23 +40,29 @@ def decide(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
     return True, "validation improved"
 
 
-def decide_cache(r: "UserResult", cfg: PersonalConfig) -> bool:
-    """Whether the user keeps their phrase cache: validation top-1 gains at least cfg.cache_gate_top1 words over
-    the global model at no higher validation loss; on a slice of fewer than cfg.gate_min_words one-piece words
-    (with cfg.cache_small_slice_loss), a lower validation loss alone. Always for a user whose device holds at least
+def decide_cache(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
+    """(keep the user's phrase cache?, why): validation top-1 gains at least cfg.cache_gate_top1 words over the
+    global model at no higher validation loss; on a slice of fewer than cfg.gate_min_words one-piece words (with
+    cfg.cache_small_slice_loss), a lower validation loss alone. Always for a user whose device holds at least
     cfg.cache_keep_pieces pieces of their text, and for everyone with cache_gate_top1 < 0."""
+    if r.train_tokens == 0:
+        return False, "no train messages"
     if cfg.cache_gate_top1 < 0:
-        return r.train_tokens > 0
-    if cfg.cache_keep_pieces > 0 and r.extra.get("text_tokens", 0) >= cfg.cache_keep_pieces:
+        return True, "kept for every user (cache_gate_top1 < 0)"
+    n_text = r.extra.get("text_tokens", 0)
+    if cfg.cache_keep_pieces > 0 and n_text >= cfg.cache_keep_pieces:
         # a heavy writer's own n-grams keep paying off, while one slice of their latest messages often shows no
         # word's lead: the slice turned down 43 of the 101 heaviest writers' caches; kept for all, their whole test
         # splits gain +1.25 per user instead of +0.82, none hurt (session 26)
-        return True
+        return True, f"{n_text:,} pieces of text, at least {cfg.cache_keep_pieces:,}"
     if "val_top1_cache" not in r.extra or r.val_tokens < cfg.min_val_tokens:
-        return False
+        return False, f"validation slice too small ({r.val_tokens} pieces)"
+    lower = r.extra["val_nll_cache"] < r.val_global
     if cfg.cache_small_slice_loss and r.extra.get("val_words", 0) < cfg.gate_min_words:
         # a light writer's slice holds a few words: top-1 there is a coin toss, while the loss sees every piece
         # (the spelling preference is judged the same way)
-        return r.extra["val_nll_cache"] < r.val_global
+        return lower, "validation loss " + ("lower" if lower else "not lower") + " (slice too small for top-1)"
     gain = r.extra["val_top1_cache"] - r.extra.get("val_top1_global", 0)
-    return gain >= cfg.cache_gate_top1 and r.extra["val_nll_cache"] <= r.val_global
+    if r.extra["val_nll_cache"] > r.val_global:
+        return False, "validation loss higher"
+    return gain >= cfg.cache_gate_top1, f"validation top-1 {gain:+d} words (needs {cfg.cache_gate_top1:+d})"

@@ -148,15 +148,20 @@ def test_cache_gate_judges_a_light_writers_slice_by_its_loss():
                           {"val_words": n_words, "val_top1_global": 3, "val_nll_cache": nll_cache,
                            "val_top1_cache": top1_cache})
 
+    def keep(r: UserResult, cfg: PersonalConfig) -> bool:
+        return decide_cache(r, cfg)[0]
+
     cfg = PersonalConfig()
     # a slice too small for top-1 to judge: the loss decides, either way
-    assert decide_cache(result(12, 3.8, 3), cfg) and not decide_cache(result(12, 4.1, 4), cfg)
+    assert keep(result(12, 3.8, 3), cfg) and not keep(result(12, 4.1, 4), cfg)
+    assert decide_cache(result(12, 4.1, 4), cfg)[1] == "validation loss not lower (slice too small for top-1)"
     # a slice big enough: cache_gate_top1 more words right (2 by default) at no higher loss, as before
-    assert not decide_cache(result(40, 3.8, 4), cfg) and decide_cache(result(40, 3.8, 5), cfg)
-    assert not decide_cache(result(40, 4.1, 5), cfg)
+    assert not keep(result(40, 3.8, 4), cfg) and keep(result(40, 3.8, 5), cfg)
+    assert decide_cache(result(40, 3.8, 4), cfg)[1] == "validation top-1 +1 words (needs +2)"
+    assert decide_cache(result(40, 4.1, 5), cfg) == (False, "validation loss higher")
     one = PersonalConfig(cache_gate_top1=1)
-    assert not decide_cache(result(40, 3.8, 3), one) and decide_cache(result(40, 3.8, 4), one)
-    assert not decide_cache(result(12, 3.8, 3), PersonalConfig(cache_small_slice_loss=False))
+    assert not keep(result(40, 3.8, 3), one) and keep(result(40, 3.8, 4), one)
+    assert not keep(result(12, 3.8, 3), PersonalConfig(cache_small_slice_loss=False))
 
 
 def test_validation_is_the_latest_tenth_of_train(tiny_tok):
@@ -384,8 +389,9 @@ def test_heavy_writer_keeps_the_cache_whatever_one_slice_says(fed_model, tiny_to
     assert n > ud.train_tokens + ud.val_tokens
     gated = train_adapters(fed_model, [ud], cfg, starts_of(tiny_tok))[0]
     assert gated.cache is None and gated.extra["text_tokens"] == n
+    assert gated.extra["cache_reason"].startswith("validation")  # what the slice said, saved in gate.json
     kept = train_adapters(fed_model, [ud], replace(cfg, cache_keep_pieces=n), starts_of(tiny_tok))[0]
-    assert kept.cache is not None
+    assert kept.cache is not None and kept.extra["cache_reason"] == f"{n:,} pieces of text, at least {n:,}"
     assert train_adapters(fed_model, [ud], replace(cfg, cache_keep_pieces=n + 1), starts_of(tiny_tok))[0].cache is None
 
 
@@ -542,6 +548,7 @@ def test_personalize_command_reports_and_reuses_its_result(tiny_run, tmp_path, c
     rep = json.loads((tmp_path / "p.json").read_text())
     gate = json.loads((run / "personal" / "gate.json").read_text())
     assert rep["use_cache"] == {u: e["use_cache"] for u, e in gate.items()}
+    assert all(e["cache_reason"] for e in gate.values())  # why each cache was kept or not, beside the adapter's reason
     # every locale user's spelling preference covers the whole pair list, stored as their way of spelling
     from data.british import REGIONAL_PAIRS
     from personalization.store import gate_respelling
@@ -568,3 +575,10 @@ def test_personalize_command_reports_and_reuses_its_result(tiny_run, tmp_path, c
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["use_cache"] == rep["use_cache"] and again["changes"] == rep["changes"]
     assert again["text_of"] == rep["text_of"]
+    # one user by name: the tables, then what their gate decided about each part and why
+    user = sorted(gate)[0]
+    assert main([*argv, "--user", user, "--no-eval"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    e = json.loads((run / "personal" / "gate.json").read_text())[user]
+    assert f"{user}: adapter {'kept' if e['use_adapter'] else 'not kept'}: {e['reason']}" in out
+    assert f"phrase cache {'kept' if e['use_cache'] else 'not kept'}: {e['cache_reason']}" in out

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> None:
     """Personalize, then print the comparison tables."""
     from fedkey.personal_stage import personal_stage
     from personalization.report import print_report
-    from personalization.store import PERSONAL
+    from personalization.store import PERSONAL, read_gate
 
     pcfg = C.from_args(PersonalConfig, args)
     ecfg = C.from_args(C.EvalConfig, args, prefix="eval-")
@@ -42,3 +42,10 @@ def run(args: argparse.Namespace) -> None:
     else:
         console.print(f"adapters kept by the gate: {rep['gated_in']:,} of {rep['users']:,} users; mean adapter file "
                       f"{rep['adapter_bytes_mean'] or 0:,.0f} bytes; {rep['seconds']['personalize']:.0f} s")
+    if args.user:
+        # a user asked for by name: say what their gate decided and why, not only the tables
+        gate = read_gate(args.run_dir)
+        for u in args.user:
+            e = gate.get(u, {})
+            console.print(f"{u}: adapter {'kept' if e.get('use_adapter') else 'not kept'}: {e.get('reason', '?')}; "
+                          f"phrase cache {'kept' if e.get('use_cache') else 'not kept'}: {e.get('cache_reason', '?')}")
