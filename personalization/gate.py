@@ -57,11 +57,11 @@ def decide_cache(r: "UserResult", cfg: PersonalConfig) -> tuple[bool, str]:
         return True, f"{n_text:,} pieces of text, at least {cfg.cache_keep_pieces:,}"
     if "val_top1_cache" not in r.extra or r.val_tokens < cfg.min_val_tokens:
         return False, f"validation slice too small ({r.val_tokens} pieces)"
-    lower = r.extra["val_nll_cache"] < r.val_global
     if cfg.cache_small_slice_loss and r.extra.get("val_words", 0) < cfg.gate_min_words:
         # a light writer's slice holds a few words: top-1 there is a coin toss, while the loss sees every piece
         # (the spelling preference is judged the same way)
-        return lower, "validation loss " + ("lower" if lower else "not lower") + " (slice too small for top-1)"
+        lower = r.extra["val_nll_cache"] < r.val_global
+        return lower, f"validation loss {'lower' if lower else 'not lower'} (slice too small for top-1)"
     gain = r.extra["val_top1_cache"] - r.extra.get("val_top1_global", 0)
     if r.extra["val_nll_cache"] > r.val_global:
         return False, "validation loss higher"
