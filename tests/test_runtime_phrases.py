@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
 
 from fedkey.errors import FedkeyError
@@ -134,7 +135,7 @@ def _ceiling_inputs(tok):
     starts[table.start_space] = True
     cont = np.zeros(tok.vocab_size, bool)
     cont[table.cont] = True
-    return starts, cont, [frame(ids, 64) for ids in tok.encode_batch(["park blue store you the help"] * 30)]
+    return starts, cont, [frame(ids, 64) for ids in tok.encode_batch(["you the the you park help blue store"] * 30)]
 
 
 def test_phrase_ceiling_counts_what_each_arm_gets_right(tiny_model, tiny_tok):
@@ -149,6 +150,15 @@ def test_phrase_ceiling_counts_what_each_arm_gets_right(tiny_model, tiny_tok):
     assert got["oracle"] == got["global"]  # the oracle judges the shipped cache
     learned = user_counts(tiny_model, cfg, starts, cont, framed, framed)
     assert learned["cache"] == learned["cache_learning"] == learned["oracle"] == learned["words"]
+
+
+def test_phrase_ceiling_counts_the_likeliest_word_not_a_message_end():
+    """The keyboard shows its likeliest word even where the model ranks the message's end first."""
+    from fedkey.bench.phrase_ceiling import _right
+
+    starts = np.array([False, False, True, True])  # pieces 2 and 3 start words; 1 is the end of the message
+    p = np.array([0.0, 0.6, 0.3, 0.1])
+    assert _right(p, 2, starts) == 1 and _right(p, 3, starts) == 0 and p.argmax() == 1
 
 
 def test_phrase_ceiling_dynamic_arm_learns_the_sent_messages_and_leaves_the_base_alone(tiny_model, tiny_tok):

@@ -2,7 +2,7 @@
 the cache learning every message the user sends (as the on-device runtime does), and an oracle.
 
 Every user with test messages; at each one-piece word of their test split (the gate's measure: teacher-
-forced, the next word's first piece is the whole word), is the top-1 piece right under
+forced, the next word's first piece is the whole word), is the likeliest piece that starts a word right under
 - the global model;
 - the global model mixed with the user's cache of their train text (ungated, the shipped weights);
 - the same, the cache learning each test message once it is sent (the runtime's `learn`);
@@ -53,8 +53,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, help="PNG (default: beside --json, else RUN_DIR/bench/phrase_ceiling.png)")
 
 
-def _right(p: np.ndarray, y: int) -> int:
-    return int(p.argmax() == y)
+def _right(p: np.ndarray, y: int, starts: np.ndarray) -> int:
+    """Whether y is the likeliest piece that starts a word: the keyboard suggests words, so an end of message or a
+    comma ranked first is never its top suggestion, and an arm that pushes it down has not made a word right."""
+    return int(np.where(starts, p, -np.inf).argmax() == y)
 
 
 def _cache_top(cache, hist: list[int]) -> int | None:
@@ -109,15 +111,15 @@ def _tally(out: dict[str, int], key: str, s: list[int], starts: np.ndarray, cont
             continue
         hist, p = s[:t + 1], np.exp(logp[t])
         out[key + "words"] += 1
-        out[key + "global"] += _right(p, y)
-        out[key + "cache_learning"] += _right(learning.mix_row(p.copy(), hist), y)
+        out[key + "global"] += _right(p, y, starts)
+        out[key + "cache_learning"] += _right(learning.mix_row(p.copy(), hist), y, starts)
         if shipped is not None:
-            out[key + "cache"] += _right(shipped.mix_row(p.copy(), hist), y)
-            out[key + "oracle"] += int(p.argmax() == y or _cache_top(shipped, hist) == y)
+            out[key + "cache"] += _right(shipped.mix_row(p.copy(), hist), y, starts)
+            out[key + "oracle"] += int(_right(p, y, starts) or _cache_top(shipped, hist) == y)
         if dlogp is not None:
             q = np.exp(dlogp[t])
-            out[key + "dynamic"] += _right(q, y)
-            out[key + "dynamic_cache"] += _right(learning.mix_row(q.copy(), hist), y)
+            out[key + "dynamic"] += _right(q, y, starts)
+            out[key + "dynamic_cache"] += _right(learning.mix_row(q.copy(), hist), y, starts)
 
 
 def user_counts(base: KeyboardLM, cfg: "PersonalConfig", starts: np.ndarray, cont: np.ndarray, train: list[list[int]],
