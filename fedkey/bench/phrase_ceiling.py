@@ -1,8 +1,9 @@
 """How far a user's phrase cache can move top-1 on this corpus: the global model, the cache as shipped,
 the cache learning every message the user sends (as the on-device runtime does), and an oracle.
 
-Every user with test messages; at each one-piece word of their test split (the gate's measure: teacher-
-forced, the next word's first piece is the whole word), is the likeliest piece that starts a word right under
+Every user with test messages; at each one-piece word of their test split (the words the gate counts: teacher-
+forced, the next word's first piece is the whole word), is the likeliest piece that starts a word right (the
+keyboard shows words; the gate's argmax over every piece also lets a message end rank first; session 27) under
 - the global model;
 - the global model mixed with the user's cache of their train text (ungated, the shipped weights);
 - the same, the cache learning each test message once it is sent (the runtime's `learn`);
