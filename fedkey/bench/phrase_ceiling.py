@@ -112,11 +112,12 @@ def _tally(out: dict[str, int], key: str, s: list[int], starts: np.ndarray, cont
             continue
         hist, p = s[:t + 1], np.exp(logp[t])
         out[key + "words"] += 1
-        out[key + "global"] += _right(p, y, starts)
+        right = _right(p, y, starts)
+        out[key + "global"] += right
         out[key + "cache_learning"] += _right(learning.mix_row(p.copy(), hist), y, starts)
         if shipped is not None:
             out[key + "cache"] += _right(shipped.mix_row(p.copy(), hist), y, starts)
-            out[key + "oracle"] += int(_right(p, y, starts) or _cache_top(shipped, hist) == y)
+            out[key + "oracle"] += int(right or _cache_top(shipped, hist) == y)
         if dlogp is not None:
             q = np.exp(dlogp[t])
             out[key + "dynamic"] += _right(q, y, starts)
